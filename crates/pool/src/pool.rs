@@ -1,0 +1,815 @@
+//! The pool: idle server connections, a scheduler for waiters, connection opening and reaping.
+//!
+//! One mutex guards the whole state of a pool; every critical section is short and does no IO.
+//! Connections are handed straight from a releasing guard to the chosen waiter, so a release
+//! and the next grant are one step and no wake-up can be lost. Opening a connection runs in its
+//! own task; the new connection goes to the best waiter at the time it is ready.
+
+use std::future::Future;
+use std::ops::{Deref, DerefMut};
+use std::pin::Pin;
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use tokio::sync::{oneshot, Notify};
+
+use crate::limit::{Hungry, Permit, SharedLimit};
+use crate::sched::{ClassOverride, ClassSnapshot, ClassSpec, Grant, Scheduler, Ticket};
+use crate::stats::{Histogram, PoolStats};
+
+/// The pool's clock: tokio's, so tests with a paused clock see consistent times.
+fn now() -> Instant {
+    tokio::time::Instant::now().into_std()
+}
+
+/// A boxed future, as returned by [`Connector::connect`].
+pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+
+/// What the pool needs from a connection it holds.
+pub trait Poolable: Send + 'static {
+    /// Whether the connection may go back to the idle list: no open transaction, nothing unread.
+    /// A guard dropped over a connection that is not reusable discards it.
+    fn reusable(&self) -> bool;
+    /// A cheap, non-blocking liveness check before reuse. `false` discards the connection.
+    fn healthy(&mut self) -> bool;
+}
+
+/// Opens and closes connections for a pool. The pool never does IO itself.
+pub trait Connector: Send + Sync + 'static {
+    /// The connection type.
+    type Conn: Poolable;
+    /// The error an open attempt reports; waiters receive a clone.
+    type Error: Clone + Send + Sync + std::fmt::Display + 'static;
+    /// Opens one connection, bounded in time by the connector.
+    fn connect(&self) -> BoxFuture<Result<Self::Conn, Self::Error>>;
+    /// Closes a connection the pool no longer wants (politely, if the connector can).
+    fn close(&self, conn: Self::Conn);
+}
+
+/// Settings of one pool. Replaced whole on reload.
+#[derive(Debug, Clone)]
+pub struct PoolSettings {
+    /// Pool name for errors and stats, e.g. `appdb.app`.
+    pub name: Arc<str>,
+    /// Most server connections.
+    pub size: u32,
+    /// Connections kept open even when idle.
+    pub min_size: u32,
+    /// Close connections idle longer than this.
+    pub idle_timeout: Option<Duration>,
+    /// Close connections older than this when they are next released.
+    pub lifetime: Option<Duration>,
+    /// The pool-wide wait budget (`query_wait_timeout`), for classes without `max_wait`.
+    pub wait_timeout: Option<Duration>,
+    /// After a failed connect, fail waiters fast for this long instead of retrying.
+    pub login_retry: Duration,
+    /// Scheduling classes; class 0 is the default.
+    pub classes: Vec<ClassSpec>,
+    /// Priority points a waiter gains per second of waiting.
+    pub aging_per_sec: f64,
+}
+
+/// Why a checkout failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum CheckoutError<E: std::fmt::Display> {
+    /// The class's wait budget ran out.
+    #[error("no server connection in pool \"{pool}\" for class \"{class}\" within {waited:?}")]
+    Shed {
+        /// Pool name.
+        pool: Arc<str>,
+        /// Class name.
+        class: Arc<str>,
+        /// Time waited.
+        waited: Duration,
+    },
+    /// The pool's `query_wait_timeout` ran out.
+    #[error("query_wait_timeout: no server connection in pool \"{pool}\" within {waited:?}")]
+    Timeout {
+        /// Pool name.
+        pool: Arc<str>,
+        /// Time waited.
+        waited: Duration,
+    },
+    /// Opening a server connection failed and none is available.
+    #[error("server connection failed: {0}")]
+    Connect(E),
+    /// The pool is closed (shutdown or removed by reload).
+    #[error("pool \"{0}\" is closed")]
+    Closed(Arc<str>),
+}
+
+type Reply<C, E> = oneshot::Sender<Result<Handoff<C>, CheckoutError<E>>>;
+
+struct Slot<C> {
+    conn: C,
+    created: Instant,
+    generation: u64,
+    _permits: Vec<Permit>,
+}
+
+struct Handoff<C> {
+    slot: Slot<C>,
+    grant: Grant,
+    waited: Duration,
+}
+
+struct IdleConn<C> {
+    slot: Slot<C>,
+    since: Instant,
+}
+
+struct State<C, E: std::fmt::Display> {
+    settings: PoolSettings,
+    sched: Scheduler<Reply<C, E>>,
+    idle: Vec<IdleConn<C>>,
+    connecting: u32,
+    generation: u64,
+    paused: bool,
+    closed: bool,
+    last_connect_error: Option<(Instant, E)>,
+    waits: Vec<Histogram>,
+    checkouts: u64,
+    connects: u64,
+    connect_errors: u64,
+}
+
+struct Inner<K: Connector> {
+    connector: K,
+    state: Mutex<State<K::Conn, K::Error>>,
+    limits: Vec<Arc<SharedLimit>>,
+    idle_notify: Notify,
+    runtime: tokio::runtime::Handle,
+    me: Weak<Inner<K>>,
+}
+
+/// A pool of server connections. Cheap to clone.
+pub struct Pool<K: Connector> {
+    inner: Arc<Inner<K>>,
+}
+
+impl<K: Connector> Clone for Pool<K> {
+    fn clone(&self) -> Self {
+        Pool {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+/// Connections to close once the lock is released.
+type Closing<C> = Vec<Slot<C>>;
+
+impl<K: Connector> Pool<K> {
+    /// Creates a pool. Must be called inside a tokio runtime. `limits` are shared caps such as
+    /// `max_db_connections` that this pool's connections count against.
+    pub fn new(settings: PoolSettings, connector: K, limits: Vec<Arc<SharedLimit>>) -> Self {
+        let now = now();
+        let classes = settings.classes.clone();
+        let waits = classes.iter().map(|_| Histogram::default()).collect();
+        let sched = Scheduler::new(settings.size, classes, settings.aging_per_sec, now);
+        let inner = Arc::new_cyclic(|me| Inner {
+            connector,
+            state: Mutex::new(State {
+                settings,
+                sched,
+                idle: Vec::new(),
+                connecting: 0,
+                generation: 0,
+                paused: false,
+                closed: false,
+                last_connect_error: None,
+                waits,
+                checkouts: 0,
+                connects: 0,
+                connect_errors: 0,
+            }),
+            limits,
+            idle_notify: Notify::new(),
+            runtime: tokio::runtime::Handle::current(),
+            me: me.clone(),
+        });
+        Pool { inner }
+    }
+
+    /// The pool's name.
+    pub fn name(&self) -> Arc<str> {
+        self.inner.state.lock().settings.name.clone()
+    }
+
+    /// The connector.
+    pub fn connector(&self) -> &K {
+        &self.inner.connector
+    }
+
+    /// Index of a class by name.
+    pub fn class_index(&self, name: &str) -> Option<usize> {
+        self.inner.state.lock().sched.class_index(name)
+    }
+
+    /// Base priority of a class.
+    pub fn class_priority(&self, class: usize) -> i32 {
+        self.inner.state.lock().sched.class_priority(class)
+    }
+
+    /// Takes a connection, waiting in the scheduler's queue if none is free. The wait is bounded
+    /// by the class's `max_wait`, else the pool's `query_wait_timeout`.
+    pub async fn checkout(&self, ticket: Ticket) -> Result<Guard<K>, CheckoutError<K::Error>> {
+        let started = now();
+        loop {
+            let mut guard = self.checkout_once(ticket.clone(), started).await?;
+            if guard.conn_mut().healthy() {
+                return Ok(guard);
+            }
+            // Died while idle: drop it and try again within the same budget.
+            guard.discard();
+        }
+    }
+
+    async fn checkout_once(
+        &self,
+        ticket: Ticket,
+        started: Instant,
+    ) -> Result<Guard<K>, CheckoutError<K::Error>> {
+        let inner = &self.inner;
+        let (rx, id, budget, class, timeout_kind) = {
+            let mut closing = Vec::new();
+            let mut st = inner.state.lock();
+            if st.closed {
+                return Err(CheckoutError::Closed(st.settings.name.clone()));
+            }
+            if !st.paused && st.sched.eligible(&ticket) {
+                if let Some(idle) = st.idle.pop() {
+                    let grant = st.sched.grant_now(&ticket);
+                    st.checkouts += 1;
+                    let waited = now().saturating_duration_since(started);
+                    if let Some(h) = st.waits.get_mut(grant.class) {
+                        h.record(waited);
+                    }
+                    drop(st);
+                    return Ok(Guard {
+                        slot: Some(idle.slot),
+                        grant,
+                        pool: inner.clone(),
+                        waited,
+                    });
+                }
+            }
+            // Fail fast while the server keeps refusing logins and nothing is open.
+            if let Some(err) = st.fast_fail() {
+                return Err(CheckoutError::Connect(err));
+            }
+            let (tx, rx) = oneshot::channel();
+            let class = ticket.class.min(st.sched.class_count().saturating_sub(1));
+            let class_wait = st.sched.class_max_wait(class);
+            let (budget, timeout_kind) = match class_wait {
+                Some(w) => (Some(w), false),
+                None => (st.settings.wait_timeout, true),
+            };
+            let id = st.sched.enqueue(ticket, tx, now());
+            inner.fill(&mut st, &mut closing);
+            drop(st);
+            drop(closing);
+            (rx, id, budget, class, timeout_kind)
+        };
+        let mut wait = Waiting {
+            pool: inner.clone(),
+            id,
+            rx: Some(rx),
+        };
+        let remaining = budget.map(|b| b.saturating_sub(now().saturating_duration_since(started)));
+        let result = match remaining {
+            Some(r) => match tokio::time::timeout(r, wait.recv()).await {
+                Ok(r) => r,
+                Err(_) => wait.give_up(
+                    class,
+                    now().saturating_duration_since(started),
+                    timeout_kind,
+                ),
+            },
+            None => wait.recv().await,
+        };
+        let handoff = result?;
+        Ok(Guard {
+            slot: Some(handoff.slot),
+            grant: handoff.grant,
+            pool: inner.clone(),
+            waited: handoff.waited,
+        })
+    }
+
+    /// Runs periodic upkeep: reaps idle and old connections, sheds waiters past a live budget,
+    /// and opens connections up to `min_size`. Call about once a second.
+    pub fn maintain(&self) {
+        let now = now();
+        let mut closing = Vec::new();
+        let mut shed = Vec::new();
+        {
+            let mut st = self.inner.state.lock();
+            let name = st.settings.name.clone();
+            let fallback = st.settings.wait_timeout;
+            for e in st.sched.expire(now, fallback) {
+                shed.push((e.payload, e.class, e.waited));
+            }
+            let min = st.settings.min_size as usize;
+            let idle_timeout = st.settings.idle_timeout;
+            let lifetime = st.settings.lifetime;
+            let generation = st.generation;
+            let mut keep = Vec::with_capacity(st.idle.len());
+            let total_open = st.sched.active() as usize + st.idle.len();
+            let mut open = total_open;
+            // Oldest idle first (the list is LIFO: index 0 idled first).
+            for mut c in std::mem::take(&mut st.idle) {
+                let too_idle = idle_timeout.is_some_and(|t| now - c.since >= t) && open > min;
+                let too_old = lifetime.is_some_and(|t| now - c.slot.created >= t);
+                let stale = c.slot.generation != generation;
+                if too_idle || too_old || stale || !c.slot.conn.healthy() {
+                    open -= 1;
+                    closing.push(c.slot);
+                } else {
+                    keep.push(c);
+                }
+            }
+            st.idle = keep;
+            for (tx, class, waited) in shed {
+                let _ = tx.send(Err(CheckoutError::Shed {
+                    pool: name.clone(),
+                    class,
+                    waited,
+                }));
+            }
+            self.inner.fill(&mut st, &mut closing);
+        }
+        self.inner.close_all(closing);
+    }
+
+    /// Holds new checkouts until [`Self::resume`]; running transactions go on.
+    pub fn pause(&self) {
+        self.inner.state.lock().paused = true;
+    }
+
+    /// Lets checkouts through again.
+    pub fn resume(&self) {
+        let mut closing = Vec::new();
+        {
+            let mut st = self.inner.state.lock();
+            st.paused = false;
+            self.inner.fill(&mut st, &mut closing);
+        }
+        self.inner.close_all(closing);
+    }
+
+    /// Whether the pool is paused.
+    pub fn is_paused(&self) -> bool {
+        self.inner.state.lock().paused
+    }
+
+    /// Waits until no connection is checked out.
+    pub async fn wait_idle(&self) {
+        loop {
+            let notified = self.inner.idle_notify.notified();
+            if self.inner.state.lock().sched.active() == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// Closes idle connections now and every checked-out one when it is released.
+    pub fn reconnect(&self) {
+        let closing = {
+            let mut st = self.inner.state.lock();
+            st.generation += 1;
+            std::mem::take(&mut st.idle)
+                .into_iter()
+                .map(|c| c.slot)
+                .collect::<Vec<_>>()
+        };
+        self.inner.close_all(closing);
+    }
+
+    /// Closes the pool: waiters fail, idle connections close, the rest close on release.
+    pub fn close(&self) {
+        let (waiters, closing, name) = {
+            let mut st = self.inner.state.lock();
+            st.closed = true;
+            st.generation += 1;
+            let idle = std::mem::take(&mut st.idle)
+                .into_iter()
+                .map(|c| c.slot)
+                .collect::<Vec<_>>();
+            (st.sched.drain(), idle, st.settings.name.clone())
+        };
+        for tx in waiters {
+            let _ = tx.send(Err(CheckoutError::Closed(name.clone())));
+        }
+        self.inner.close_all(closing);
+    }
+
+    /// Applies new settings (reload). Waiters and connections stay; a smaller pool shrinks as
+    /// connections are released.
+    pub fn reconfigure(&self, settings: PoolSettings) {
+        let mut closing = Vec::new();
+        {
+            let mut st = self.inner.state.lock();
+            st.sched.reconfigure(
+                settings.size,
+                settings.classes.clone(),
+                settings.aging_per_sec,
+            );
+            st.waits = settings
+                .classes
+                .iter()
+                .map(|_| Histogram::default())
+                .collect();
+            while st.idle.len() as u32 + st.sched.active() > settings.size {
+                match st.idle.pop() {
+                    Some(c) => closing.push(c.slot),
+                    None => break,
+                }
+            }
+            st.settings = settings;
+            self.inner.fill(&mut st, &mut closing);
+        }
+        self.inner.close_all(closing);
+    }
+
+    /// Sets live class overrides from the `on-pressure` hook (`None` clears them all).
+    pub fn set_overrides(&self, overrides: Option<&[(usize, ClassOverride)]>) {
+        let mut closing = Vec::new();
+        {
+            let mut st = self.inner.state.lock();
+            match overrides {
+                None => st.sched.clear_overrides(),
+                Some(list) => {
+                    for (class, over) in list {
+                        st.sched.set_override(*class, *over);
+                    }
+                }
+            }
+            self.inner.fill(&mut st, &mut closing);
+        }
+        self.inner.close_all(closing);
+    }
+
+    /// A snapshot of the pool for stats, the admin console and policies.
+    pub fn stats(&self) -> PoolStats {
+        let st = self.inner.state.lock();
+        let now = now();
+        let classes: Vec<ClassSnapshot> = st.sched.snapshot(now);
+        PoolStats {
+            name: st.settings.name.clone(),
+            size: st.settings.size,
+            active: st.sched.active(),
+            idle: st.idle.len() as u32,
+            connecting: st.connecting,
+            waiting: st.sched.waiting(),
+            paused: st.paused,
+            checkouts: st.checkouts,
+            connects: st.connects,
+            connect_errors: st.connect_errors,
+            waits: st.waits.clone(),
+            classes,
+        }
+    }
+}
+
+impl<C: Poolable, E: Clone + std::fmt::Display> State<C, E> {
+    fn fast_fail(&self) -> Option<E> {
+        let (at, err) = self.last_connect_error.as_ref()?;
+        let nothing_open = self.sched.active() == 0 && self.idle.is_empty() && self.connecting == 0;
+        (nothing_open && now().saturating_duration_since(*at) < self.settings.login_retry)
+            .then(|| err.clone())
+    }
+}
+
+impl<K: Connector> Inner<K> {
+    /// Gives idle connections to eligible waiters, then opens connections for the rest.
+    fn fill(&self, st: &mut State<K::Conn, K::Error>, closing: &mut Closing<K::Conn>) {
+        if st.closed || st.paused {
+            return;
+        }
+        let now = now();
+        while !st.idle.is_empty() {
+            let Some((tx, grant, waited)) = st.sched.pick(now) else {
+                break;
+            };
+            let Some(idle) = st.idle.pop() else { break };
+            self.hand(st, tx, idle.slot, grant, waited, closing);
+        }
+        let need = st.sched.eligible_waiting().saturating_sub(st.connecting);
+        let open = st.sched.active() + st.idle.len() as u32 + st.connecting;
+        let want = need.max(st.settings.min_size.saturating_sub(open));
+        let room = st.settings.size.saturating_sub(open);
+        if st
+            .last_connect_error
+            .as_ref()
+            .is_some_and(|(at, _)| now.saturating_duration_since(*at) < st.settings.login_retry)
+            && st.connecting > 0
+        {
+            // One attempt at a time while the server is refusing us.
+            return;
+        }
+        for _ in 0..want.min(room) {
+            let Some(permits) = self.acquire_limits() else {
+                break;
+            };
+            st.connecting += 1;
+            self.spawn_connect(permits);
+        }
+    }
+
+    fn acquire_limits(&self) -> Option<Vec<Permit>> {
+        let mut permits = Vec::with_capacity(self.limits.len());
+        for limit in &self.limits {
+            match limit.try_acquire() {
+                Some(p) => permits.push(p),
+                None => {
+                    if let Some(me) = self.me.upgrade() {
+                        let hungry: Arc<dyn Hungry> = me;
+                        limit.register_hungry(Arc::downgrade(&hungry));
+                    }
+                    return None;
+                }
+            }
+        }
+        Some(permits)
+    }
+
+    fn spawn_connect(&self, permits: Vec<Permit>) {
+        let Some(me) = self.me.upgrade() else { return };
+        let fut = self.connector.connect();
+        self.runtime.spawn(async move {
+            let result = fut.await;
+            me.connected(result, permits);
+        });
+    }
+
+    fn connected(&self, result: Result<K::Conn, K::Error>, permits: Vec<Permit>) {
+        let mut closing = Vec::new();
+        let mut failed = Vec::new();
+        {
+            let mut st = self.state.lock();
+            st.connecting = st.connecting.saturating_sub(1);
+            match result {
+                Ok(conn) => {
+                    st.connects += 1;
+                    st.last_connect_error = None;
+                    let slot = Slot {
+                        conn,
+                        created: now(),
+                        generation: st.generation,
+                        _permits: permits,
+                    };
+                    if st.closed {
+                        closing.push(slot);
+                    } else {
+                        self.place(&mut st, slot, &mut closing);
+                    }
+                }
+                Err(e) => {
+                    drop(permits);
+                    st.connect_errors += 1;
+                    st.last_connect_error = Some((now(), e.clone()));
+                    if st.sched.active() == 0 && st.idle.is_empty() && st.connecting == 0 {
+                        // Nothing will free up: tell every waiter now instead of at its timeout.
+                        failed = st.sched.drain();
+                    }
+                }
+            }
+            if failed.is_empty() {
+                self.fill(&mut st, &mut closing);
+            }
+            let err = st.last_connect_error.as_ref().map(|(_, e)| e.clone());
+            drop(st);
+            if let Some(err) = err {
+                for tx in failed {
+                    let _ = tx.send(Err(CheckoutError::Connect(err.clone())));
+                }
+            }
+        }
+        self.close_all(closing);
+    }
+
+    /// Gives a free connection to the best waiter, or puts it on the idle list.
+    fn place(
+        &self,
+        st: &mut State<K::Conn, K::Error>,
+        slot: Slot<K::Conn>,
+        closing: &mut Closing<K::Conn>,
+    ) {
+        if !st.paused {
+            if let Some((tx, grant, waited)) = st.sched.pick(now()) {
+                self.hand(st, tx, slot, grant, waited, closing);
+                return;
+            }
+        }
+        if self.limits.iter().any(|l| l.has_hungry()) {
+            // Another pool needs the shared slot more than we need an idle connection.
+            closing.push(slot);
+            return;
+        }
+        st.idle.push(IdleConn { slot, since: now() });
+    }
+
+    fn hand(
+        &self,
+        st: &mut State<K::Conn, K::Error>,
+        tx: Reply<K::Conn, K::Error>,
+        slot: Slot<K::Conn>,
+        grant: Grant,
+        waited: Duration,
+        closing: &mut Closing<K::Conn>,
+    ) {
+        st.checkouts += 1;
+        if let Some(h) = st.waits.get_mut(grant.class) {
+            h.record(waited);
+        }
+        if let Err(Ok(h)) = tx.send(Ok(Handoff {
+            slot,
+            grant,
+            waited,
+        })) {
+            // The waiter vanished between pick and send: undo and keep the connection.
+            st.sched.release(&h.grant);
+            st.checkouts -= 1;
+            self.place(st, h.slot, closing);
+        }
+    }
+
+    fn checkin(&self, slot: Slot<K::Conn>, grant: &Grant, reusable: bool) {
+        let mut closing = Vec::new();
+        {
+            let mut st = self.state.lock();
+            st.sched.release(grant);
+            let expired = st
+                .settings
+                .lifetime
+                .is_some_and(|t| now().saturating_duration_since(slot.created) >= t);
+            let oversize =
+                st.sched.active() + st.idle.len() as u32 + st.connecting >= st.settings.size + 1;
+            if !reusable || expired || oversize || st.closed || slot.generation != st.generation {
+                closing.push(slot);
+            } else {
+                self.place(&mut st, slot, &mut closing);
+            }
+            self.fill(&mut st, &mut closing);
+            if st.sched.active() == 0 {
+                self.idle_notify.notify_waiters();
+            }
+        }
+        self.close_all(closing);
+    }
+
+    fn close_all(&self, closing: Closing<K::Conn>) {
+        for slot in closing {
+            let Slot { conn, _permits, .. } = slot;
+            self.connector.close(conn);
+            drop(_permits);
+        }
+    }
+}
+
+impl<K: Connector> Hungry for Inner<K> {
+    fn wake(&self) {
+        let mut closing = Vec::new();
+        {
+            let mut st = self.state.lock();
+            self.fill(&mut st, &mut closing);
+        }
+        self.close_all(closing);
+    }
+}
+
+/// A waiter's side of the queue. Dropping it (the client went away) leaves the queue cleanly
+/// and returns a connection that was handed over in the meantime.
+struct Waiting<K: Connector> {
+    pool: Arc<Inner<K>>,
+    id: u64,
+    rx: Option<oneshot::Receiver<Result<Handoff<K::Conn>, CheckoutError<K::Error>>>>,
+}
+
+impl<K: Connector> Waiting<K> {
+    async fn recv(&mut self) -> Result<Handoff<K::Conn>, CheckoutError<K::Error>> {
+        let pool = self.pool.clone();
+        let name = move || pool.state.lock().settings.name.clone();
+        match self.rx.as_mut() {
+            Some(rx) => match rx.await {
+                Ok(r) => {
+                    self.rx = None;
+                    r
+                }
+                Err(_) => Err(CheckoutError::Closed(name())),
+            },
+            None => Err(CheckoutError::Closed(name())),
+        }
+    }
+
+    fn give_up(
+        &mut self,
+        class: usize,
+        waited: Duration,
+        pool_timeout: bool,
+    ) -> Result<Handoff<K::Conn>, CheckoutError<K::Error>> {
+        let mut st = self.pool.state.lock();
+        if st.sched.remove(self.id).is_some() {
+            st.sched.count_shed(class);
+            let pool = st.settings.name.clone();
+            let class = st.sched.class_name(class);
+            self.rx = None;
+            return Err(if pool_timeout {
+                CheckoutError::Timeout { pool, waited }
+            } else {
+                CheckoutError::Shed {
+                    pool,
+                    class,
+                    waited,
+                }
+            });
+        }
+        drop(st);
+        // Already granted (or failed) just before the timer fired: take what was sent.
+        match self.rx.take().map(|mut rx| rx.try_recv()) {
+            Some(Ok(r)) => r,
+            _ => Err(CheckoutError::Closed(
+                self.pool.state.lock().settings.name.clone(),
+            )),
+        }
+    }
+}
+
+impl<K: Connector> Drop for Waiting<K> {
+    fn drop(&mut self) {
+        let Some(mut rx) = self.rx.take() else { return };
+        let removed = self.pool.state.lock().sched.remove(self.id).is_some();
+        if removed {
+            return;
+        }
+        if let Ok(Ok(h)) = rx.try_recv() {
+            let reusable = h.slot.conn.reusable();
+            self.pool.checkin(h.slot, &h.grant, reusable);
+        }
+    }
+}
+
+/// A checked-out server connection. Dropping it returns the connection to the pool if it is
+/// reusable, and closes it otherwise.
+pub struct Guard<K: Connector> {
+    slot: Option<Slot<K::Conn>>,
+    grant: Grant,
+    pool: Arc<Inner<K>>,
+    /// Time spent waiting in the queue for this connection.
+    pub waited: Duration,
+}
+
+impl<K: Connector> Guard<K> {
+    fn conn_mut(&mut self) -> &mut K::Conn {
+        match self.slot.as_mut() {
+            Some(s) => &mut s.conn,
+            None => unreachable!("a guard holds its slot until dropped"),
+        }
+    }
+
+    /// Closes the connection instead of returning it.
+    pub fn discard(mut self) {
+        if let Some(slot) = self.slot.take() {
+            self.pool.checkin(slot, &self.grant, false);
+        }
+    }
+
+    /// The class index this connection was granted to.
+    pub fn class(&self) -> usize {
+        self.grant.class
+    }
+
+    /// How long ago the server connection was opened.
+    pub fn age(&self) -> Duration {
+        self.slot.as_ref().map_or(Duration::ZERO, |s| {
+            now().saturating_duration_since(s.created)
+        })
+    }
+}
+
+impl<K: Connector> Deref for Guard<K> {
+    type Target = K::Conn;
+    fn deref(&self) -> &K::Conn {
+        match self.slot.as_ref() {
+            Some(s) => &s.conn,
+            None => unreachable!("a guard holds its slot until dropped"),
+        }
+    }
+}
+
+impl<K: Connector> DerefMut for Guard<K> {
+    fn deref_mut(&mut self) -> &mut K::Conn {
+        self.conn_mut()
+    }
+}
+
+impl<K: Connector> Drop for Guard<K> {
+    fn drop(&mut self) {
+        if let Some(slot) = self.slot.take() {
+            let reusable = slot.conn.reusable();
+            self.pool.checkin(slot, &self.grant, reusable);
+        }
+    }
+}

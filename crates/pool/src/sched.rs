@@ -1,0 +1,626 @@
+//! The scheduler: who gets the next server connection.
+//!
+//! A pure state machine with no IO, no clock of its own and no async. The pool owns one per
+//! server pool, under the pool's lock, and asks it two questions: "may this request take a
+//! connection now?" and "which waiter gets the connection that just became free?".
+//!
+//! The rules, from the scheduling model:
+//! - Each waiter belongs to a class. A class over its `max_active` quota is skipped.
+//! - `reserved` connections of a class are held back from every other class.
+//! - A waiter may carry a per-client key with its own `max_active`. A waiter whose key is at its
+//!   quota is parked with the key and comes back when the key releases a connection.
+//! - Among eligible waiters the highest effective priority wins; effective priority grows with
+//!   the time waited (aging), so low classes never starve. Ties go first-in first-out.
+//!
+//! Aging with one rate for everyone keeps the order static: `priority + rate * (now - t)` sorts
+//! like `priority - rate * t`, so each class queue is an ordered map fixed at enqueue time.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Identifies a waiter inside one scheduler.
+pub type WaiterId = u64;
+
+/// A class as the scheduler enforces it (static settings plus any live override).
+#[derive(Debug, Clone)]
+pub struct ClassSpec {
+    /// The class name, for errors and stats.
+    pub name: Arc<str>,
+    /// Base priority: higher goes first.
+    pub priority: i32,
+    /// Most server connections the class may hold at once; `None` is unlimited.
+    pub max_active: Option<u32>,
+    /// Connections held back for this class: other classes may not use them.
+    pub reserved: u32,
+    /// Queue-wait budget; past it the waiter is shed. `None` uses the pool's wait timeout.
+    pub max_wait: Option<Duration>,
+}
+
+impl ClassSpec {
+    /// A class with no limits, used when the config names none.
+    pub fn unlimited(name: &str) -> Self {
+        ClassSpec {
+            name: Arc::from(name),
+            priority: 0,
+            max_active: None,
+            reserved: 0,
+            max_wait: None,
+        }
+    }
+}
+
+/// A live override of a class's limits, set by the `on-pressure` hook.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ClassOverride {
+    /// Replaces `max_active` while set.
+    pub max_active: Option<u32>,
+    /// Replaces `max_wait` while set.
+    pub max_wait: Option<Duration>,
+}
+
+/// A per-client key limit chosen by the policy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyLimit {
+    /// The key: an address, an application name, a tenant...
+    pub key: Arc<str>,
+    /// Most server connections this key may hold at once in this pool.
+    pub max_active: u32,
+}
+
+/// What a waiter asks for.
+#[derive(Debug, Clone)]
+pub struct Ticket {
+    /// Index of the class in the scheduler's class list.
+    pub class: usize,
+    /// Effective base priority for this request (the class priority unless the policy changed it).
+    pub priority: i32,
+    /// The per-client key limit, if any.
+    pub key: Option<KeyLimit>,
+}
+
+/// Where a granted connection is accounted, so its release can be undone exactly.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grant {
+    /// Class index.
+    pub class: usize,
+    /// Key, if the ticket had one.
+    pub key: Option<Arc<str>>,
+}
+
+#[derive(Debug)]
+struct ClassState {
+    spec: ClassSpec,
+    over: ClassOverride,
+    active: u32,
+    /// Ordered by (-score, seq): the first entry is the best waiter.
+    queue: BTreeMap<(i64, u64), WaiterId>,
+    shed_total: u64,
+    served_total: u64,
+}
+
+impl ClassState {
+    fn max_active(&self) -> Option<u32> {
+        self.over.max_active.or(self.spec.max_active)
+    }
+
+    fn under_quota(&self) -> bool {
+        self.max_active().is_none_or(|m| self.active < m)
+    }
+
+    fn room(&self) -> u32 {
+        self.max_active()
+            .map_or(u32::MAX, |m| m.saturating_sub(self.active))
+    }
+
+    fn max_wait(&self) -> Option<Duration> {
+        self.over.max_wait.or(self.spec.max_wait)
+    }
+}
+
+#[derive(Debug, Default)]
+struct KeyState {
+    active: u32,
+    max_active: u32,
+    parked: VecDeque<WaiterId>,
+}
+
+#[derive(Debug)]
+struct Waiter<W> {
+    payload: W,
+    ticket: Ticket,
+    order: (i64, u64),
+    enqueued: Instant,
+    parked: bool,
+}
+
+/// Stats of one class at one moment.
+#[derive(Debug, Clone)]
+pub struct ClassSnapshot {
+    /// Class name.
+    pub name: Arc<str>,
+    /// Effective base priority.
+    pub priority: i32,
+    /// Connections held now.
+    pub active: u32,
+    /// Waiters queued or parked.
+    pub waiting: u32,
+    /// How long the oldest waiter has waited.
+    pub oldest_wait: Duration,
+    /// Effective quota.
+    pub max_active: Option<u32>,
+    /// Effective wait budget.
+    pub max_wait: Option<Duration>,
+    /// Reserved connections.
+    pub reserved: u32,
+    /// Waiters shed since start.
+    pub shed_total: u64,
+    /// Connections granted since start.
+    pub served_total: u64,
+}
+
+/// A waiter removed because its budget ran out.
+#[derive(Debug)]
+pub struct Expired<W> {
+    /// The waiter's payload.
+    pub payload: W,
+    /// Its class name.
+    pub class: Arc<str>,
+    /// How long it waited.
+    pub waited: Duration,
+}
+
+/// The scheduler of one pool. `W` is the waiter's payload (a channel sender in the pool).
+#[derive(Debug)]
+pub struct Scheduler<W> {
+    classes: Vec<ClassState>,
+    keys: HashMap<Arc<str>, KeyState>,
+    waiters: HashMap<WaiterId, Waiter<W>>,
+    next_id: WaiterId,
+    size: u32,
+    active: u32,
+    aging_per_sec: f64,
+    epoch: Instant,
+}
+
+impl<W> Scheduler<W> {
+    /// A scheduler for a pool of `size` connections.
+    pub fn new(size: u32, classes: Vec<ClassSpec>, aging_per_sec: f64, epoch: Instant) -> Self {
+        let classes = if classes.is_empty() {
+            vec![ClassSpec::unlimited("default")]
+        } else {
+            classes
+        };
+        Scheduler {
+            classes: classes
+                .into_iter()
+                .map(|spec| ClassState {
+                    spec,
+                    over: ClassOverride::default(),
+                    active: 0,
+                    queue: BTreeMap::new(),
+                    shed_total: 0,
+                    served_total: 0,
+                })
+                .collect(),
+            keys: HashMap::new(),
+            waiters: HashMap::new(),
+            next_id: 0,
+            size,
+            active: 0,
+            aging_per_sec,
+            epoch,
+        }
+    }
+
+    /// Replaces pool size and class settings (on reload); counts and waiters stay.
+    /// Classes are matched by name; waiters of a class that disappeared move to class 0.
+    pub fn reconfigure(&mut self, size: u32, classes: Vec<ClassSpec>, aging_per_sec: f64) {
+        self.size = size;
+        self.aging_per_sec = aging_per_sec;
+        let classes = if classes.is_empty() {
+            vec![ClassSpec::unlimited("default")]
+        } else {
+            classes
+        };
+        let mut old: Vec<ClassState> = std::mem::take(&mut self.classes);
+        let mut remap = vec![0usize; old.len()];
+        for spec in classes {
+            let pos = old.iter().position(|c| c.spec.name == spec.name);
+            let state = match pos {
+                Some(i) => {
+                    let mut s = std::mem::replace(
+                        &mut old[i],
+                        ClassState {
+                            spec: spec.clone(),
+                            over: ClassOverride::default(),
+                            active: 0,
+                            queue: BTreeMap::new(),
+                            shed_total: 0,
+                            served_total: 0,
+                        },
+                    );
+                    remap[i] = self.classes.len();
+                    s.spec = spec;
+                    s
+                }
+                None => ClassState {
+                    spec,
+                    over: ClassOverride::default(),
+                    active: 0,
+                    queue: BTreeMap::new(),
+                    shed_total: 0,
+                    served_total: 0,
+                },
+            };
+            self.classes.push(state);
+        }
+        // Fold classes that disappeared into class 0, keeping their counts and waiters.
+        for (i, gone) in old.into_iter().enumerate() {
+            let target = remap[i];
+            let t = &mut self.classes[target];
+            t.active += gone.active;
+            for (k, id) in gone.queue {
+                t.queue.insert(k, id);
+            }
+        }
+        for w in self.waiters.values_mut() {
+            w.ticket.class = remap.get(w.ticket.class).copied().unwrap_or(0);
+        }
+    }
+
+    /// Index of a class by name.
+    pub fn class_index(&self, name: &str) -> Option<usize> {
+        self.classes.iter().position(|c| &*c.spec.name == name)
+    }
+
+    /// Number of classes.
+    pub fn class_count(&self) -> usize {
+        self.classes.len()
+    }
+
+    /// Name of class `i` (class 0 when out of range).
+    pub fn class_name(&self, i: usize) -> Arc<str> {
+        self.classes
+            .get(i)
+            .unwrap_or(&self.classes[0])
+            .spec
+            .name
+            .clone()
+    }
+
+    /// Base priority of class `i`.
+    pub fn class_priority(&self, i: usize) -> i32 {
+        self.classes.get(i).map_or(0, |c| c.spec.priority)
+    }
+
+    /// Effective wait budget of class `i`.
+    pub fn class_max_wait(&self, i: usize) -> Option<Duration> {
+        self.classes.get(i).and_then(|c| c.max_wait())
+    }
+
+    /// Sets or clears the live override of class `i`.
+    pub fn set_override(&mut self, i: usize, over: ClassOverride) {
+        if let Some(c) = self.classes.get_mut(i) {
+            c.over = over;
+        }
+    }
+
+    /// Clears every live override.
+    pub fn clear_overrides(&mut self) {
+        for c in &mut self.classes {
+            c.over = ClassOverride::default();
+        }
+    }
+
+    /// Connections granted and not yet released.
+    pub fn active(&self) -> u32 {
+        self.active
+    }
+
+    /// Waiters queued or parked.
+    pub fn waiting(&self) -> u32 {
+        self.waiters.len() as u32
+    }
+
+    fn clamp_class(&self, i: usize) -> usize {
+        if i < self.classes.len() {
+            i
+        } else {
+            0
+        }
+    }
+
+    fn reserved_ok(&self, class: usize) -> bool {
+        let held_back: u32 = self
+            .classes
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != class)
+            .map(|(_, c)| c.spec.reserved.saturating_sub(c.active))
+            .sum();
+        self.active + 1 + held_back <= self.size
+    }
+
+    fn key_ok(&self, key: &Option<KeyLimit>) -> bool {
+        match key {
+            None => true,
+            Some(k) => {
+                let active = self.keys.get(&k.key).map_or(0, |s| s.active);
+                active < k.max_active
+            }
+        }
+    }
+
+    /// Whether a new request could be granted a connection right now, ignoring waiters.
+    pub fn eligible(&self, ticket: &Ticket) -> bool {
+        let class = self.clamp_class(ticket.class);
+        self.classes[class].under_quota() && self.reserved_ok(class) && self.key_ok(&ticket.key)
+    }
+
+    /// Accounts a grant made without queueing. The caller checked [`Self::eligible`].
+    pub fn grant_now(&mut self, ticket: &Ticket) -> Grant {
+        let class = self.clamp_class(ticket.class);
+        self.account(class, ticket.key.as_ref())
+    }
+
+    fn account(&mut self, class: usize, key: Option<&KeyLimit>) -> Grant {
+        self.active += 1;
+        let c = &mut self.classes[class];
+        c.active += 1;
+        c.served_total += 1;
+        let key = key.map(|k| {
+            let s = self.keys.entry(k.key.clone()).or_default();
+            s.active += 1;
+            s.max_active = k.max_active;
+            k.key.clone()
+        });
+        Grant { class, key }
+    }
+
+    fn score(&self, priority: i32, at: Instant) -> i64 {
+        let micros = at.saturating_duration_since(self.epoch).as_micros() as f64;
+        let base = f64::from(priority) * 1_000_000.0;
+        // Higher score is better; store the negation so the BTreeMap's first entry is best.
+        -(base - self.aging_per_sec * micros) as i64
+    }
+
+    /// Queues a waiter. It is parked at once if its key is at quota.
+    pub fn enqueue(&mut self, mut ticket: Ticket, payload: W, now: Instant) -> WaiterId {
+        ticket.class = self.clamp_class(ticket.class);
+        let id = self.next_id;
+        self.next_id += 1;
+        let order = (self.score(ticket.priority, now), id);
+        let parked = !self.key_ok(&ticket.key);
+        if parked {
+            if let Some(k) = &ticket.key {
+                let s = self.keys.entry(k.key.clone()).or_default();
+                s.max_active = k.max_active;
+                s.parked.push_back(id);
+            }
+        } else {
+            self.classes[ticket.class].queue.insert(order, id);
+        }
+        self.waiters.insert(
+            id,
+            Waiter {
+                payload,
+                ticket,
+                order,
+                enqueued: now,
+                parked,
+            },
+        );
+        id
+    }
+
+    /// Removes a waiter (it gave up or was cancelled). `None` if it was already granted or shed.
+    pub fn remove(&mut self, id: WaiterId) -> Option<W> {
+        let w = self.waiters.remove(&id)?;
+        if w.parked {
+            if let Some(k) = &w.ticket.key {
+                if let Some(s) = self.keys.get_mut(&k.key) {
+                    s.parked.retain(|p| *p != id);
+                }
+            }
+        } else {
+            self.classes[w.ticket.class].queue.remove(&w.order);
+        }
+        self.gc_key(w.ticket.key.as_ref().map(|k| &k.key));
+        Some(w.payload)
+    }
+
+    fn gc_key(&mut self, key: Option<&Arc<str>>) {
+        if let Some(k) = key {
+            if self
+                .keys
+                .get(k)
+                .is_some_and(|s| s.active == 0 && s.parked.is_empty())
+            {
+                self.keys.remove(k);
+            }
+        }
+    }
+
+    /// Picks the best eligible waiter for one free connection and accounts the grant.
+    pub fn pick(&mut self, now: Instant) -> Option<(W, Grant, Duration)> {
+        loop {
+            let mut best: Option<(usize, (i64, u64), WaiterId)> = None;
+            for (i, c) in self.classes.iter().enumerate() {
+                if !c.under_quota() || !self.reserved_ok(i) {
+                    continue;
+                }
+                if let Some((order, id)) = c.queue.first_key_value() {
+                    if best.as_ref().is_none_or(|(_, o, _)| order < o) {
+                        best = Some((i, *order, *id));
+                    }
+                }
+            }
+            let (class, order, id) = best?;
+            self.classes[class].queue.remove(&order);
+            let key_ok = self
+                .waiters
+                .get(&id)
+                .is_some_and(|w| self.key_ok(&w.ticket.key));
+            if !key_ok {
+                // Its key is at quota: park it with the key and look again.
+                if let Some(w) = self.waiters.get_mut(&id) {
+                    w.parked = true;
+                    if let Some(k) = &w.ticket.key {
+                        let s = self.keys.entry(k.key.clone()).or_default();
+                        s.max_active = k.max_active;
+                        s.parked.push_back(id);
+                    }
+                }
+                continue;
+            }
+            let w = self.waiters.remove(&id)?;
+            let grant = self.account(class, w.ticket.key.as_ref());
+            let waited = now.saturating_duration_since(w.enqueued);
+            return Some((w.payload, grant, waited));
+        }
+    }
+
+    /// Releases a grant. Waiters parked on its key return to their queues.
+    pub fn release(&mut self, grant: &Grant) {
+        self.active = self.active.saturating_sub(1);
+        if let Some(c) = self.classes.get_mut(grant.class) {
+            c.active = c.active.saturating_sub(1);
+        }
+        if let Some(k) = &grant.key {
+            let mut unparked = Vec::new();
+            if let Some(s) = self.keys.get_mut(k) {
+                s.active = s.active.saturating_sub(1);
+                if s.active < s.max_active {
+                    unparked.extend(s.parked.drain(..));
+                }
+            }
+            for id in unparked {
+                if let Some(w) = self.waiters.get_mut(&id) {
+                    w.parked = false;
+                    self.classes[w.ticket.class].queue.insert(w.order, id);
+                }
+            }
+            self.gc_key(Some(k));
+        }
+    }
+
+    /// How many queued waiters could use a connection now: each class's queue, capped by its
+    /// remaining quota. Parked waiters are not counted. Used to decide how many to open.
+    pub fn eligible_waiting(&self) -> u32 {
+        self.classes
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| self.reserved_ok(*i))
+            .map(|(_, c)| (c.queue.len() as u32).min(c.room()))
+            .sum()
+    }
+
+    /// Removes every waiter whose class budget (or `fallback` budget) ran out by `now`.
+    pub fn expire(&mut self, now: Instant, fallback: Option<Duration>) -> Vec<Expired<W>> {
+        let mut gone = Vec::new();
+        let ids: Vec<WaiterId> = self
+            .waiters
+            .iter()
+            .filter(|(_, w)| {
+                let budget = self.classes[w.ticket.class].max_wait().or(fallback);
+                budget.is_some_and(|b| now.saturating_duration_since(w.enqueued) >= b)
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for id in ids {
+            if let Some(w) = self.waiters.get(&id) {
+                let class = w.ticket.class;
+                let waited = now.saturating_duration_since(w.enqueued);
+                if let Some(payload) = self.remove(id) {
+                    self.classes[class].shed_total += 1;
+                    gone.push(Expired {
+                        payload,
+                        class: self.classes[class].spec.name.clone(),
+                        waited,
+                    });
+                }
+            }
+        }
+        gone
+    }
+
+    /// Counts a waiter shed by its own timer (it removed itself).
+    pub fn count_shed(&mut self, class: usize) {
+        if let Some(c) = self.classes.get_mut(class) {
+            c.shed_total += 1;
+        }
+    }
+
+    /// Removes every waiter, for shutdown.
+    pub fn drain(&mut self) -> Vec<W> {
+        for c in &mut self.classes {
+            c.queue.clear();
+        }
+        for k in self.keys.values_mut() {
+            k.parked.clear();
+        }
+        self.waiters.drain().map(|(_, w)| w.payload).collect()
+    }
+
+    /// Per-class stats at `now`.
+    pub fn snapshot(&self, now: Instant) -> Vec<ClassSnapshot> {
+        let mut oldest = vec![None::<Instant>; self.classes.len()];
+        let mut waiting = vec![0u32; self.classes.len()];
+        for w in self.waiters.values() {
+            let c = w.ticket.class;
+            waiting[c] += 1;
+            oldest[c] = Some(oldest[c].map_or(w.enqueued, |o: Instant| o.min(w.enqueued)));
+        }
+        self.classes
+            .iter()
+            .enumerate()
+            .map(|(i, c)| ClassSnapshot {
+                name: c.spec.name.clone(),
+                priority: c.spec.priority,
+                active: c.active,
+                waiting: waiting[i],
+                oldest_wait: oldest[i].map_or(Duration::ZERO, |o| now.saturating_duration_since(o)),
+                max_active: c.max_active(),
+                max_wait: c.max_wait(),
+                reserved: c.spec.reserved,
+                shed_total: c.shed_total,
+                served_total: c.served_total,
+            })
+            .collect()
+    }
+
+    /// Checks the invariants the property tests rely on. Panics in tests only via the caller.
+    #[cfg(test)]
+    pub(crate) fn check_invariants(&self) -> Result<(), String> {
+        let sum: u32 = self.classes.iter().map(|c| c.active).sum();
+        if sum != self.active {
+            return Err(format!("class actives {sum} != active {}", self.active));
+        }
+        for c in &self.classes {
+            if let Some(m) = c.max_active() {
+                if c.over.max_active.is_none() && c.active > m {
+                    return Err(format!(
+                        "class {} over quota: {} > {m}",
+                        c.spec.name, c.active
+                    ));
+                }
+            }
+        }
+        for (k, s) in &self.keys {
+            if s.active > s.max_active && s.max_active > 0 {
+                return Err(format!("key {k} over quota"));
+            }
+        }
+        let queued: usize = self.classes.iter().map(|c| c.queue.len()).sum::<usize>()
+            + self.keys.values().map(|k| k.parked.len()).sum::<usize>();
+        if queued != self.waiters.len() {
+            return Err(format!("queued {queued} != waiters {}", self.waiters.len()));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+#[path = "sched_tests.rs"]
+mod tests;

@@ -1,0 +1,244 @@
+//! Scheduler unit and property tests: no sockets, no clocks but the ones passed in.
+
+use super::*;
+use proptest::prelude::*;
+
+fn class(name: &str, priority: i32, max_active: Option<u32>, reserved: u32) -> ClassSpec {
+    ClassSpec {
+        name: Arc::from(name),
+        priority,
+        max_active,
+        reserved,
+        max_wait: None,
+    }
+}
+
+fn ticket(class: usize, priority: i32) -> Ticket {
+    Ticket {
+        class,
+        priority,
+        key: None,
+    }
+}
+
+fn keyed(class: usize, key: &str, max: u32) -> Ticket {
+    Ticket {
+        class,
+        priority: 0,
+        key: Some(KeyLimit {
+            key: Arc::from(key),
+            max_active: max,
+        }),
+    }
+}
+
+#[test]
+fn higher_priority_goes_first_and_ties_are_fifo() {
+    let t0 = Instant::now();
+    let mut s = Scheduler::new(3, vec![class("a", 0, None, 0)], 0.0, t0);
+    s.enqueue(ticket(0, 0), "low-1", t0);
+    s.enqueue(ticket(0, 10), "high", t0);
+    s.enqueue(ticket(0, 0), "low-2", t0);
+    let order: Vec<_> = std::iter::from_fn(|| s.pick(t0).map(|(w, _, _)| w)).collect();
+    assert_eq!(order, vec!["high", "low-1", "low-2"]);
+}
+
+#[test]
+fn class_quota_holds_until_release() {
+    let t0 = Instant::now();
+    let mut s = Scheduler::new(4, vec![class("batch", 0, Some(1), 0)], 0.0, t0);
+    assert!(s.eligible(&ticket(0, 0)));
+    let g = s.grant_now(&ticket(0, 0));
+    assert!(!s.eligible(&ticket(0, 0)));
+    s.enqueue(ticket(0, 0), 1, t0);
+    assert!(s.pick(t0).is_none(), "quota must hold");
+    assert_eq!(s.eligible_waiting(), 0);
+    s.release(&g);
+    assert_eq!(s.pick(t0).map(|(w, _, _)| w), Some(1));
+}
+
+#[test]
+fn reserved_connections_are_held_back_from_other_classes() {
+    let t0 = Instant::now();
+    let classes = vec![class("batch", 0, None, 0), class("web", 10, None, 1)];
+    let mut s: Scheduler<u32> = Scheduler::new(2, classes, 0.0, t0);
+    let _g = s.grant_now(&ticket(0, 0));
+    assert!(!s.eligible(&ticket(0, 0)), "the last connection is web's");
+    assert!(s.eligible(&ticket(1, 10)));
+}
+
+#[test]
+fn key_quota_parks_waiters_and_lets_others_pass() {
+    let t0 = Instant::now();
+    let mut s = Scheduler::new(8, vec![class("a", 0, None, 0)], 0.0, t0);
+    let g = s.grant_now(&keyed(0, "10.0.0.1", 1));
+    s.enqueue(keyed(0, "10.0.0.1", 1), "same-host", t0);
+    s.enqueue(ticket(0, 0), "other", t0);
+    assert_eq!(s.pick(t0).map(|(w, _, _)| w), Some("other"));
+    assert!(
+        s.pick(t0).is_none(),
+        "same-host stays parked while its key is at quota"
+    );
+    s.check_invariants().unwrap();
+    s.release(&g);
+    assert_eq!(s.pick(t0).map(|(w, _, _)| w), Some("same-host"));
+    s.check_invariants().unwrap();
+}
+
+#[test]
+fn aging_lets_an_old_low_priority_waiter_pass_a_new_high_one() {
+    let t0 = Instant::now();
+    let mut s = Scheduler::new(1, vec![class("a", 0, None, 0)], 10.0, t0);
+    s.enqueue(ticket(0, 0), "old-low", t0);
+    s.enqueue(ticket(0, 5), "new-high", t0 + Duration::from_secs(1));
+    // At pick time old-low has aged 10 points more than new-high: 0 + 10 > 5.
+    assert_eq!(
+        s.pick(t0 + Duration::from_secs(2)).map(|(w, _, _)| w),
+        Some("old-low")
+    );
+}
+
+#[test]
+fn without_aging_priority_is_strict() {
+    let t0 = Instant::now();
+    let mut s = Scheduler::new(1, vec![class("a", 0, None, 0)], 0.0, t0);
+    s.enqueue(ticket(0, 0), "old-low", t0);
+    s.enqueue(ticket(0, 5), "new-high", t0 + Duration::from_secs(100));
+    assert_eq!(s.pick(t0).map(|(w, _, _)| w), Some("new-high"));
+}
+
+#[test]
+fn expire_sheds_only_past_the_class_budget() {
+    let t0 = Instant::now();
+    let mut c = class("batch", 0, None, 0);
+    c.max_wait = Some(Duration::from_millis(100));
+    let mut s = Scheduler::new(1, vec![c, class("web", 0, None, 0)], 0.0, t0);
+    s.enqueue(ticket(0, 0), "batch", t0);
+    s.enqueue(ticket(1, 0), "web", t0);
+    assert!(s.expire(t0 + Duration::from_millis(50), None).is_empty());
+    let gone = s.expire(t0 + Duration::from_millis(150), None);
+    assert_eq!(gone.len(), 1);
+    assert_eq!(gone[0].payload, "batch");
+    assert_eq!(&*gone[0].class, "batch");
+    assert_eq!(s.snapshot(t0)[0].shed_total, 1);
+    assert_eq!(s.waiting(), 1);
+}
+
+#[test]
+fn override_tightens_a_quota_live() {
+    let t0 = Instant::now();
+    let mut s: Scheduler<u32> = Scheduler::new(4, vec![class("batch", 0, None, 0)], 0.0, t0);
+    s.set_override(
+        0,
+        ClassOverride {
+            max_active: Some(0),
+            max_wait: None,
+        },
+    );
+    assert!(!s.eligible(&ticket(0, 0)));
+    s.clear_overrides();
+    assert!(s.eligible(&ticket(0, 0)));
+}
+
+#[test]
+fn removing_a_parked_waiter_leaves_no_trace() {
+    let t0 = Instant::now();
+    let mut s = Scheduler::new(4, vec![class("a", 0, None, 0)], 0.0, t0);
+    let g = s.grant_now(&keyed(0, "k", 1));
+    let id = s.enqueue(keyed(0, "k", 1), 7, t0);
+    assert_eq!(s.remove(id), Some(7));
+    assert_eq!(s.remove(id), None);
+    s.check_invariants().unwrap();
+    s.release(&g);
+    assert!(s.keys.is_empty());
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Arrive {
+        class: usize,
+        prio: i32,
+        key: Option<u8>,
+    },
+    Release(usize),
+    GiveUp(usize),
+    Expire(u64),
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        4 => (0usize..3, -5i32..5, proptest::option::of(0u8..3))
+            .prop_map(|(class, prio, key)| Op::Arrive { class, prio, key }),
+        3 => (0usize..64).prop_map(Op::Release),
+        1 => (0usize..64).prop_map(Op::GiveUp),
+        1 => (0u64..500).prop_map(Op::Expire),
+    ]
+}
+
+proptest! {
+    /// Random arrivals, releases, give-ups and expiries never exceed a quota, and never leave an
+    /// eligible waiter queued while a connection is free.
+    #[test]
+    fn quotas_hold_and_no_waiter_is_stranded(ops in proptest::collection::vec(op(), 1..200)) {
+        let t0 = Instant::now();
+        let size = 4u32;
+        let mut c0 = class("batch", 0, Some(2), 0);
+        c0.max_wait = Some(Duration::from_millis(300));
+        let classes = vec![c0, class("web", 5, None, 1), class("other", 1, Some(1), 0)];
+        let mut s: Scheduler<u64> = Scheduler::new(size, classes, 2.0, t0);
+        let mut grants: Vec<Grant> = Vec::new();
+        let mut ids: Vec<WaiterId> = Vec::new();
+        let mut clock = 0u64;
+        let mut next = 0u64;
+        for op in ops {
+            clock += 1;
+            let now = t0 + Duration::from_millis(clock);
+            match op {
+                Op::Arrive { class, prio, key } => {
+                    let t = Ticket { class, priority: prio, key: key.map(|k| KeyLimit { key: Arc::from(format!("k{k}")), max_active: 1 }) };
+                    // Like the pool: take a free connection at once when eligible, else queue.
+                    if (s.active() as usize) < size as usize && s.eligible(&t) && s.waiting() == 0 {
+                        grants.push(s.grant_now(&t));
+                    } else {
+                        ids.push(s.enqueue(t, next, now));
+                        next += 1;
+                    }
+                }
+                Op::Release(i) => {
+                    if !grants.is_empty() {
+                        let g = grants.swap_remove(i % grants.len());
+                        s.release(&g);
+                    }
+                }
+                Op::GiveUp(i) => {
+                    if !ids.is_empty() {
+                        let id = ids.swap_remove(i % ids.len());
+                        s.remove(id);
+                    }
+                }
+                Op::Expire(ms) => {
+                    s.expire(now + Duration::from_millis(ms), None);
+                }
+            }
+            // Dispatch free connections, as the pool does after every change.
+            while s.active() < size {
+                match s.pick(now) {
+                    Some((_, g, _)) => grants.push(g),
+                    None => break,
+                }
+            }
+            prop_assert!(s.check_invariants().is_ok(), "{:?}", s.check_invariants());
+            prop_assert!(s.active() <= size);
+            for c in &s.classes {
+                if let Some(m) = c.max_active() {
+                    prop_assert!(c.active <= m, "class {} over quota", c.spec.name);
+                }
+            }
+            if s.active() < size {
+                for w in s.waiters.values() {
+                    prop_assert!(!s.eligible(&w.ticket), "eligible waiter stranded with a free connection");
+                }
+            }
+        }
+    }
+}
