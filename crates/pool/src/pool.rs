@@ -100,6 +100,7 @@ pub enum CheckoutError<E: std::fmt::Display> {
 }
 
 type Reply<C, E> = oneshot::Sender<Result<Handoff<C>, CheckoutError<E>>>;
+type Receipt<C, E> = oneshot::Receiver<Result<Handoff<C>, CheckoutError<E>>>;
 
 struct Slot<C> {
     conn: C,
@@ -646,7 +647,7 @@ impl<K: Connector> Inner<K> {
                 .lifetime
                 .is_some_and(|t| now().saturating_duration_since(slot.created) >= t);
             let oversize =
-                st.sched.active() + st.idle.len() as u32 + st.connecting >= st.settings.size + 1;
+                st.sched.active() + st.idle.len() as u32 + st.connecting > st.settings.size;
             if !reusable || expired || oversize || st.closed || slot.generation != st.generation {
                 closing.push(slot);
             } else {
@@ -685,7 +686,7 @@ impl<K: Connector> Hungry for Inner<K> {
 struct Waiting<K: Connector> {
     pool: Arc<Inner<K>>,
     id: u64,
-    rx: Option<oneshot::Receiver<Result<Handoff<K::Conn>, CheckoutError<K::Error>>>>,
+    rx: Option<Receipt<K::Conn, K::Error>>,
 }
 
 impl<K: Connector> Waiting<K> {
