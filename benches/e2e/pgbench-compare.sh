@@ -1,0 +1,140 @@
+#!/usr/bin/env bash
+# pgbench against PostgreSQL directly, through PgBouncer and through Sluice, interleaved in one run.
+#
+# Starts its own PostgreSQL 15 (temp dir, free port, max_connections=100, fsync off), loads pgbench
+# tables (scale 10), starts PgBouncer and Sluice (transaction mode, pool 20, md5, max_client_conn
+# 5000), then for each workload runs every target back to back, R rounds (the target order rotates
+# each round). Reports TPS, average latency, errors and the pooler's CPU µs per transaction
+# (utime+stime from /proc/PID/stat, before/after, divided by transactions).
+#
+# Usage: benches/e2e/pgbench-compare.sh [-T SECONDS] [-R ROUNDS] [--targets LIST] [--workloads LIST]
+#   -T SECONDS         duration of each pgbench run (default 15; env DURATION)
+#   -R ROUNDS          rounds per workload (default 2; env ROUNDS)
+#   --targets LIST     comma list of direct,pgbouncer,sluice (default all three; env TARGETS)
+#   --workloads LIST   comma list of workload names (default all; env WORKLOADS):
+#                      select-simple select-extended select-prepared tpcb connect-per-tx clients-400
+# Other env: SCALE (10), POOL_SIZE (20), SLUICE_BIN, PG_BIN, RESULTS_DIR (benches/results),
+#            KEEP_WORK=1 keeps the temp dir (pgbench logs, pooler logs).
+# Run as root (PostgreSQL and PgBouncer are started as the postgres user). Needs ~5 free minutes
+# per round at the defaults.
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+DURATION=${DURATION:-15}
+ROUNDS=${ROUNDS:-2}
+TARGETS=${TARGETS:-direct,pgbouncer,sluice}
+WORKLOADS=${WORKLOADS:-select-simple,select-extended,select-prepared,tpcb,connect-per-tx,clients-400}
+CLIENTS=${CLIENTS:-20}
+THREADS=${THREADS:-2}
+
+usage() { sed -n '2,/^source/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit "${1:-0}"; }
+while [[ $# -gt 0 ]]; do
+    case $1 in
+        -T) DURATION=$2; shift 2 ;;
+        -R) ROUNDS=$2; shift 2 ;;
+        --targets) TARGETS=$2; shift 2 ;;
+        --workloads) WORKLOADS=$2; shift 2 ;;
+        -h|--help) usage 0 ;;
+        *) echo "unknown argument: $1" >&2; usage 2 ;;
+    esac
+done
+
+# name -> "clients|pgbench options"
+declare -A WL=(
+    [select-simple]="$CLIENTS|-S -M simple"
+    [select-extended]="$CLIENTS|-S -M extended"
+    [select-prepared]="$CLIENTS|-S -M prepared"
+    [tpcb]="$CLIENTS|"
+    [connect-per-tx]="$CLIENTS|-C -S"
+    [clients-400]="400|-S"
+)
+IFS=, read -r -a targets <<<"$TARGETS"
+IFS=, read -r -a workloads <<<"$WORKLOADS"
+for t in "${targets[@]}"; do
+    case $t in direct|pgbouncer|sluice) ;; *) die "unknown target '$t' (direct, pgbouncer, sluice)" ;; esac
+done
+for w in "${workloads[@]}"; do [[ -n ${WL[$w]:-} ]] || die "unknown workload '$w'"; done
+
+check_tools
+[[ ",$TARGETS," == *,pgbouncer,* ]] && check_pgbouncer
+[[ ",$TARGETS," == *,sluice,* ]] && check_sluice
+
+install_traps
+make_workdir
+mkdir -p "$RESULTS_DIR"
+stamp=$(date +%Y%m%d-%H%M%S)
+CSV=$RESULTS_DIR/pgbench-$stamp.csv
+MD=$RESULTS_DIR/pgbench-$stamp.md
+
+start_postgres
+pgbench_init
+[[ ",$TARGETS," == *,pgbouncer,* ]] && start_pgbouncer
+[[ ",$TARGETS," == *,sluice,* ]] && start_sluice compare
+
+port_of() { case $1 in direct) echo "$PG_PORT" ;; pgbouncer) echo "$PGB_PORT" ;; sluice) echo "$SLUICE_PORT" ;; esac; }
+pid_of() { case $1 in direct) echo "" ;; pgbouncer) echo "$PGB_PID" ;; sluice) echo "$SLUICE_PID" ;; esac; }
+
+echo "workload,target,round,clients,tps,latency_ms,pooler_cpu_us_per_tx,transactions,errors,exit_code,note" >"$CSV"
+
+# run_one WORKLOAD TARGET ROUND
+run_one() {
+    local w=$1 target=$2 round=$3
+    local clients=${WL[$w]%%|*} opts=${WL[$w]#*|}
+    local port pid out before after rc cpu=""
+    port=$(port_of "$target")
+    pid=$(pid_of "$target")
+    out=$WORK/runs/$w.$target.$round
+    mkdir -p "$WORK/runs"
+    pg_vacuum
+    if [[ -n $pid ]]; then
+        kill -0 "$pid" 2>/dev/null || die "$target (pid $pid) is no longer running"
+        before=$(cpu_ticks "$pid")
+    fi
+    log "$w round $round -> $target: pgbench -c $clients -j $THREADS -T $DURATION $opts"
+    rc=0
+    # shellcheck disable=SC2086
+    PGPASSWORD=$APP_PASSWORD timeout -k 10 $((DURATION * 3 + 120)) \
+        "$PGBENCH" -n -h 127.0.0.1 -p "$port" -U "$APP_USER" -c "$clients" -j "$THREADS" \
+        -T "$DURATION" $opts "$APP_DB" >"$out.stdout" 2>"$out.stderr" || rc=$?
+    if [[ -n $pid ]]; then
+        kill -0 "$pid" 2>/dev/null || die "$target (pid $pid) died during $w (see $WORK)"
+        after=$(cpu_ticks "$pid")
+    fi
+    local tps lat tx errors note
+    IFS=$'\x1f' read -r tps lat tx errors note < <(python3 "$E2E_DIR/pgbench_parse.py" "$out.stdout" "$out.stderr")
+    if [[ -n $pid && ${tx:-0} -gt 0 ]]; then
+        cpu=$(awk -v d=$((after - before)) -v hz="$CLK_TCK" -v n="$tx" 'BEGIN { printf "%.1f", d * 1e6 / hz / n }')
+    fi
+    note=${note//\"/\'}
+    printf '%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,"%s"\n' "$w" "$target" "$round" "$clients" "$tps" "$lat" \
+        "$cpu" "$tx" "$errors" "$rc" "$note" >>"$CSV"
+    log "   tps=${tps:-?} latency=${lat:-?}ms cpu/tx=${cpu:--}µs errors=$errors exit=$rc ${note:+($note)}"
+}
+
+total=$(( ${#workloads[@]} * ROUNDS * ${#targets[@]} ))
+log "$total runs of ${DURATION}s: workloads ${workloads[*]}; targets ${targets[*]}; $ROUNDS rounds"
+for w in "${workloads[@]}"; do
+    for ((r = 1; r <= ROUNDS; r++)); do
+        n=${#targets[@]}
+        for ((i = 0; i < n; i++)); do
+            # Rotate the order each round so no target always runs first (warm caches, turbo, ...).
+            run_one "$w" "${targets[$(((i + r - 1) % n))]}" "$r"
+        done
+    done
+done
+
+{
+    echo "# pgbench: direct vs PgBouncer vs Sluice — $stamp"
+    echo
+    echo "- git $(git_rev); $(nproc) CPUs; $("$PG_BIN/postgres" --version); $("$PGBOUNCER" --version 2>/dev/null | head -1)"
+    [[ ",$TARGETS," == *,sluice,* ]] && echo "- sluice: $SLUICE_BIN (built $(date -r "$SLUICE_BIN" '+%Y-%m-%d %H:%M'))"
+    echo "- each run: pgbench -n -T $DURATION -j $THREADS, -c $CLIENTS unless noted; $ROUNDS rounds, targets interleaved per workload"
+    echo "- pool size $POOL_SIZE (transaction mode, md5), PostgreSQL max_connections=$PG_MAX_CONNECTIONS, fsync off, scale $SCALE"
+    echo "- pooler CPU µs/tx = (utime+stime ticks after − before) × 10⁶ / CLK_TCK($CLK_TCK) / transactions"
+    echo "- workloads: select-* = -S -M simple/extended/prepared; tpcb = built-in TPC-B-like; connect-per-tx = -C -S (md5 login per transaction); clients-400 = -c 400 -S"
+    echo
+    python3 "$E2E_DIR/results_table.py" "$CSV"
+    echo
+    echo "CSV: ${CSV#"$REPO_DIR"/}"
+} >"$MD"
+cat "$MD"
+log "written $MD and $CSV"
