@@ -452,6 +452,12 @@ impl<K: Connector> Pool<K> {
         self.inner.close_all(closing);
     }
 
+    /// Maps every idle connection through `f` (for SHOW SERVERS).
+    pub fn idle_map<T>(&self, f: impl Fn(&K::Conn) -> T) -> Vec<T> {
+        let st = self.inner.state.lock();
+        st.idle.iter().map(|c| f(&c.slot.conn)).collect()
+    }
+
     /// A snapshot of the pool for stats, the admin console and policies.
     pub fn stats(&self) -> PoolStats {
         let st = self.inner.state.lock();

@@ -1,1 +1,385 @@
-//! sluice-proxy
+//! The Sluice proxy: listeners, client sessions, server connections, transaction pooling,
+//! prepared-statement mapping, cancel forwarding, the admin console and metrics.
+//!
+//! [`Proxy::start`] binds every listener and returns a [`Running`] handle; the binary and the
+//! integration tests drive it the same way.
+
+pub mod admin;
+pub mod auth;
+pub mod cancel;
+pub mod clients;
+pub mod io;
+pub mod metrics;
+pub mod params;
+pub mod pools;
+pub mod prepared;
+pub mod relay;
+pub mod server;
+pub mod session;
+pub mod shared;
+pub mod stream;
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::Semaphore;
+use tracing::{error, info, warn};
+
+use sluice_config::Config;
+use sluice_policy::PolicyEngine;
+use sluice_wire::{backend, ErrorFields, SqlState};
+
+pub use shared::Shared;
+
+/// Why the proxy could not start or reload.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    /// A listener could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The new configuration was refused.
+    #[error("reload refused: {0}")]
+    Reload(String),
+}
+
+/// How to shut down.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ShutdownMode {
+    /// SIGTERM: stop accepting, let transactions finish within `shutdown_timeout`, close idle
+    /// clients with 57P01, exit.
+    Graceful,
+    /// SIGINT: the same, but without waiting for transactions.
+    Fast,
+}
+
+/// Starts Sluice.
+pub struct Proxy;
+
+/// A running Sluice.
+pub struct Running {
+    shared: Arc<Shared>,
+    local_addr: SocketAddr,
+    metrics_addr: Option<SocketAddr>,
+}
+
+impl Proxy {
+    /// Binds every listener (port 0 allowed) and starts serving.
+    pub async fn start(config: Config, policy: Arc<PolicyEngine>) -> Result<Running, ProxyError> {
+        let g = config.sluice.clone();
+        let shared = Arc::new(Shared::new(config, policy.clone()));
+        policy.set_pool_state(Arc::new(PoolState(Arc::downgrade(&shared))));
+        let permits = Arc::new(Semaphore::new(g.max_client_conn as usize));
+        let mut local_addr = None;
+        let mut listeners = Vec::new();
+        let mut port = g.listen_port;
+        for ip in &g.listen_addr {
+            let addr = SocketAddr::new(*ip, port);
+            let l = TcpListener::bind(addr)
+                .await
+                .map_err(|source| ProxyError::Bind {
+                    addr: addr.to_string(),
+                    source,
+                })?;
+            let bound = l.local_addr().map_err(|source| ProxyError::Bind {
+                addr: addr.to_string(),
+                source,
+            })?;
+            // With port 0, every address shares the port the first one got.
+            port = bound.port();
+            local_addr.get_or_insert(bound);
+            listeners.push(l);
+        }
+        let mut unix = None;
+        if let Some(dir) = &g.unix_socket_dir {
+            let path = dir.join(format!(".s.PGSQL.{port}"));
+            let _ = std::fs::remove_file(&path);
+            let l = UnixListener::bind(&path).map_err(|source| ProxyError::Bind {
+                addr: path.display().to_string(),
+                source,
+            })?;
+            unix = Some(l);
+        }
+        let local_addr = local_addr.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], port)));
+        for l in listeners {
+            let (shared, permits) = (shared.clone(), permits.clone());
+            shared.clone().tracker.spawn(accept_tcp(shared, l, permits));
+        }
+        if let Some(l) = unix {
+            let (shared, permits) = (shared.clone(), permits.clone());
+            shared
+                .clone()
+                .tracker
+                .spawn(accept_unix(shared, l, permits));
+        }
+        let metrics_addr = match g.metrics_addr {
+            Some(a) => Some(metrics::serve(shared.clone(), a).await.map_err(|source| {
+                ProxyError::Bind {
+                    addr: a.to_string(),
+                    source,
+                }
+            })?),
+            None => None,
+        };
+        shared.clone().tracker.spawn(maintenance(shared.clone()));
+        info!(addr = %local_addr, "sluice listening");
+        Ok(Running {
+            shared,
+            local_addr,
+            metrics_addr,
+        })
+    }
+}
+
+impl Running {
+    /// The first TCP listener's address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The metrics endpoint's address.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
+    }
+
+    /// The shared state (for the admin console, tests and the binary).
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// Applies a new configuration without dropping clients.
+    pub async fn reload(&self, config: Config) -> Result<(), ProxyError> {
+        apply_config(&self.shared, config)
+            .await
+            .map_err(ProxyError::Reload)
+    }
+
+    /// Starts shutting down.
+    pub fn shutdown(&self, mode: ShutdownMode) {
+        begin_shutdown(&self.shared, mode);
+    }
+
+    /// Waits until every task has finished (after a shutdown).
+    pub async fn wait(self) {
+        self.shared.tracker.close();
+        self.shared.tracker.wait().await;
+    }
+}
+
+/// Starts a shutdown: stop accepting and close idle clients now; close the rest when their
+/// transaction ends, or at the deadline.
+pub fn begin_shutdown(shared: &Arc<Shared>, mode: ShutdownMode) {
+    if shared.shutdown.is_cancelled() {
+        // A second request means now.
+        shared.hard_stop.cancel();
+        return;
+    }
+    info!(?mode, "shutting down");
+    shared.shutdown.cancel();
+    let deadline = match mode {
+        ShutdownMode::Graceful => shared.config().sluice.shutdown_timeout,
+        ShutdownMode::Fast => Duration::ZERO,
+    };
+    let s = shared.clone();
+    shared.tracker.spawn(async move {
+        tokio::select! {
+            _ = tokio::time::sleep(deadline) => s.hard_stop.cancel(),
+            _ = s.hard_stop.cancelled() => {}
+        }
+    });
+    for p in shared.pools.all() {
+        p.pool.close();
+    }
+    shared.tracker.close();
+}
+
+/// Re-reads the config file the running config came from and applies it.
+pub async fn reload_from_disk(shared: &Arc<Shared>) -> Result<(), String> {
+    let Some(path) = shared.config().path.clone() else {
+        return Err("the running configuration was not loaded from a file".into());
+    };
+    let loaded = tokio::task::spawn_blocking(move || Config::load(&path))
+        .await
+        .map_err(|e| e.to_string())?;
+    match loaded {
+        Ok(cfg) => apply_config(shared, cfg).await,
+        Err(e) => {
+            shared.reloads_failed.fetch_add(1, Ordering::Relaxed);
+            warn!(error = %e, "reload refused; the previous configuration stays");
+            Err(e.to_string())
+        }
+    }
+}
+
+/// Applies a validated config: policies first (a bad plugin refuses the whole reload), then
+/// pools and limits. Sessions keep running.
+pub async fn apply_config(shared: &Arc<Shared>, cfg: Config) -> Result<(), String> {
+    let old = shared.config();
+    if old.sluice.listen_port != cfg.sluice.listen_port
+        || old.sluice.listen_addr != cfg.sluice.listen_addr
+    {
+        warn!("listen_addr/listen_port changes need a restart; the other settings are applied");
+    }
+    let policy = shared.policy.clone();
+    let pcfg = cfg.policy.clone();
+    let classes: Vec<String> = cfg.classes.iter().map(|c| c.name.clone()).collect();
+    let res = tokio::task::spawn_blocking(move || policy.reload(&pcfg, &classes))
+        .await
+        .map_err(|e| e.to_string())?;
+    if let Err(e) = res {
+        shared.reloads_failed.fetch_add(1, Ordering::Relaxed);
+        warn!(error = %e, "reload refused; the previous configuration stays");
+        return Err(e.to_string());
+    }
+    shared.pools.reconfigure(&cfg);
+    shared.set_config(cfg);
+    shared.reloads_ok.fetch_add(1, Ordering::Relaxed);
+    info!("configuration reloaded");
+    Ok(())
+}
+
+struct PoolState(std::sync::Weak<Shared>);
+
+impl sluice_policy::PoolStateProvider for PoolState {
+    fn pool_state(&self, pool: &str) -> Option<sluice_policy::PoolSnapshot> {
+        let shared = self.0.upgrade()?;
+        let p = shared.pools.all().into_iter().find(|p| {
+            let name = format!("{}.{}", p.db, p.user);
+            name == pool || p.db == pool
+        })?;
+        let s = p.pool.stats();
+        Some(sluice_policy::PoolSnapshot {
+            size: s.size,
+            active: s.active,
+            idle: s.idle,
+            waiting: s.waiting,
+        })
+    }
+}
+
+async fn refuse(mut stream: stream::Stream, msg: &str) {
+    use tokio::io::AsyncWriteExt;
+    let mut buf = bytes::BytesMut::new();
+    backend::encode_error(
+        &mut buf,
+        &ErrorFields::fatal(SqlState::TOO_MANY_CONNECTIONS, msg),
+    );
+    let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&buf)).await;
+}
+
+async fn accept_tcp(shared: Arc<Shared>, listener: TcpListener, permits: Arc<Semaphore>) {
+    loop {
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            _ = shared.shutdown.cancelled() => return,
+        };
+        match accepted {
+            Ok((sock, peer)) => {
+                let _ = sock.set_nodelay(true);
+                if shared.config().sluice.tcp_keepalive {
+                    let _ = socket_keepalive(&sock);
+                }
+                dispatch(&shared, stream::Stream::Tcp(sock), Some(peer), &permits);
+            }
+            Err(e) => {
+                error!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+fn socket_keepalive(sock: &tokio::net::TcpStream) -> std::io::Result<()> {
+    let s = socket2::SockRef::from(sock);
+    s.set_keepalive(true)
+}
+
+async fn accept_unix(shared: Arc<Shared>, listener: UnixListener, permits: Arc<Semaphore>) {
+    loop {
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            _ = shared.shutdown.cancelled() => return,
+        };
+        match accepted {
+            Ok((sock, _)) => dispatch(&shared, stream::Stream::Unix(sock), None, &permits),
+            Err(e) => {
+                error!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+fn dispatch(
+    shared: &Arc<Shared>,
+    stream: stream::Stream,
+    peer: Option<SocketAddr>,
+    permits: &Arc<Semaphore>,
+) {
+    shared.stats.accepted.fetch_add(1, Ordering::Relaxed);
+    match permits.clone().try_acquire_owned() {
+        Ok(permit) => {
+            let s = shared.clone();
+            shared.tracker.spawn(async move {
+                session::run(s, stream, peer).await;
+                drop(permit);
+            });
+        }
+        Err(_) => {
+            shared.stats.refused.fetch_add(1, Ordering::Relaxed);
+            let max = shared.config().sluice.max_client_conn;
+            shared.tracker.spawn(async move {
+                refuse(
+                    stream,
+                    &format!("no more connections allowed (max_client_conn = {max})"),
+                )
+                .await;
+            });
+        }
+    }
+}
+
+async fn maintenance(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    let mut n: u64 = 0;
+    let mut last_stats = std::time::Instant::now();
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shared.hard_stop.cancelled() => return,
+        }
+        n += 1;
+        if shared.shutdown.is_cancelled() && shared.clients.is_empty() {
+            return;
+        }
+        if n % 10 == 0 {
+            shared.pools.maintain();
+        }
+        if n % 600 == 0 {
+            shared.registry.collect_garbage();
+        }
+        metrics::pressure_tick(&shared);
+        if let Some(period) = shared.config().sluice.stats_period {
+            if last_stats.elapsed() >= period {
+                last_stats = std::time::Instant::now();
+                let s = &shared.stats;
+                info!(
+                    clients = shared.clients.len(),
+                    transactions = s.transactions.load(Ordering::Relaxed),
+                    queries = s.queries.load(Ordering::Relaxed),
+                    wait_us = s.wait_us.load(Ordering::Relaxed),
+                    checkout_errors = s.checkout_errors.load(Ordering::Relaxed),
+                    "stats"
+                );
+            }
+        }
+    }
+}

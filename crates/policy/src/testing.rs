@@ -1,0 +1,57 @@
+//! Test support: builds the plugins workspace once and locates its components. Enabled by the
+//! `testing` feature, so the proxy's integration tests can load real plugins too.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+/// The `plugins/` workspace of this repository.
+pub fn plugins_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../plugins")
+}
+
+/// Where the plugins are built: `$SLUICE_PLUGINS_TARGET_DIR`, else
+/// `$HOME/.cache/sluice/plugins-target`.
+pub fn plugins_target_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("SLUICE_PLUGINS_TARGET_DIR") {
+        return PathBuf::from(d);
+    }
+    let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("/tmp"), PathBuf::from);
+    home.join(".cache/sluice/plugins-target")
+}
+
+/// Builds every plugin (`cargo build --release --target wasm32-wasip2` in `plugins/`) once per
+/// process; cargo's own lock on the target directory serialises concurrent test binaries.
+/// Panics with cargo's output if the build fails.
+pub fn build_plugins() -> &'static Path {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let target = plugins_target_dir();
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let out = Command::new(cargo)
+            .current_dir(plugins_dir())
+            .args(["build", "--release", "--target", "wasm32-wasip2"])
+            .env("CARGO_TARGET_DIR", &target)
+            // Flags meant for the host (coverage, sanitizers) break the wasm build.
+            .env_remove("RUSTFLAGS")
+            .env_remove("CARGO_ENCODED_RUSTFLAGS")
+            .env_remove("CARGO_BUILD_RUSTFLAGS")
+            .env_remove("CARGO_BUILD_TARGET")
+            .output()
+            .unwrap_or_else(|e| panic!("running cargo to build the plugins: {e}"));
+        assert!(
+            out.status.success(),
+            "building plugins failed (is the wasm32-wasip2 target installed? `rustup target add wasm32-wasip2`):\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        target.join("wasm32-wasip2/release")
+    })
+}
+
+/// The built component of plugin `name` (a plugins-workspace package name such as "priority",
+/// "client-limits" or "spin"), building the plugins first if needed.
+pub fn plugin_path(name: &str) -> PathBuf {
+    let path = build_plugins().join(format!("{}.wasm", name.replace('-', "_")));
+    assert!(path.exists(), "no plugin component at {}", path.display());
+    path
+}

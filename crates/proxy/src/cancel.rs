@@ -1,0 +1,162 @@
+//! Cancel requests: every client gets its own backend key, mapped to whichever server
+//! connection serves it at that moment.
+//!
+//! A cancel is forwarded only while that server connection is attached to the client that sent
+//! it. Attaching, detaching and the forwarding decision take the same lock, and the server
+//! connection is not reused until forwarded cancels have finished, so a late cancel can never
+//! hit another client's query (the race PgBouncer fixed in its PR #717).
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use dashmap::DashMap;
+use parking_lot::Mutex;
+use rand::RngCore;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::Notify;
+
+use crate::auth::scram::ct_eq;
+use crate::server::ServerAddr;
+
+/// Cancels in flight against one server backend.
+#[derive(Debug, Default)]
+pub struct InFlight {
+    count: AtomicU32,
+    done: Notify,
+}
+
+impl InFlight {
+    /// Whether no cancel is in flight.
+    pub fn idle(&self) -> bool {
+        self.count.load(Ordering::Acquire) == 0
+    }
+
+    /// Waits until no cancel is in flight.
+    pub async fn wait(&self) {
+        loop {
+            let notified = self.done.notified();
+            if self.idle() {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// The server backend a client is attached to.
+#[derive(Debug, Clone)]
+pub struct Attached {
+    /// Server address.
+    pub addr: ServerAddr,
+    /// Backend pid.
+    pub pid: u32,
+    /// Backend cancel secret.
+    pub secret: Vec<u8>,
+    /// Cancels in flight against it.
+    pub inflight: Arc<InFlight>,
+}
+
+/// One client's cancel key and where it points now.
+#[derive(Debug)]
+pub struct CancelTarget {
+    /// The client's pid as Sluice told it.
+    pub pid: u32,
+    secret: [u8; 4],
+    slot: Mutex<Option<Attached>>,
+    /// Woken when a cancel arrives while the client waits for a server connection.
+    pub while_waiting: Notify,
+}
+
+impl CancelTarget {
+    /// The secret given to the client.
+    pub fn secret(&self) -> [u8; 4] {
+        self.secret
+    }
+
+    /// Points the key at a server backend.
+    pub fn attach(&self, a: Attached) {
+        *self.slot.lock() = Some(a);
+    }
+
+    /// Detaches; cancels arriving from now on are dropped.
+    pub fn detach(&self) {
+        *self.slot.lock() = None;
+    }
+}
+
+/// All clients' cancel keys.
+#[derive(Debug, Default)]
+pub struct CancelMap {
+    map: DashMap<u32, Arc<CancelTarget>>,
+}
+
+impl CancelMap {
+    /// Issues a fresh, unique key for a new client.
+    pub fn register(&self) -> Arc<CancelTarget> {
+        let mut rng = rand::thread_rng();
+        loop {
+            let pid = rng.next_u32() & 0x7fff_ffff;
+            if pid == 0 || self.map.contains_key(&pid) {
+                continue;
+            }
+            let mut secret = [0u8; 4];
+            rng.fill_bytes(&mut secret);
+            let t = Arc::new(CancelTarget {
+                pid,
+                secret,
+                slot: Mutex::new(None),
+                while_waiting: Notify::new(),
+            });
+            match self.map.entry(pid) {
+                dashmap::Entry::Occupied(_) => continue,
+                dashmap::Entry::Vacant(v) => {
+                    v.insert(t.clone());
+                    return t;
+                }
+            }
+        }
+    }
+
+    /// Forgets a client's key.
+    pub fn unregister(&self, pid: u32) {
+        self.map.remove(&pid);
+    }
+
+    /// Handles a CancelRequest. Returns whether it was forwarded to a server.
+    pub async fn cancel(&self, pid: u32, secret: &[u8], timeout: Duration) -> bool {
+        let Some(target) = self.map.get(&pid).map(|t| t.clone()) else {
+            return false;
+        };
+        if !ct_eq(secret, &target.secret) {
+            return false;
+        }
+        let attached = {
+            let slot = target.slot.lock();
+            slot.as_ref().map(|a| {
+                a.inflight.count.fetch_add(1, Ordering::AcqRel);
+                a.clone()
+            })
+        };
+        let Some(a) = attached else {
+            target.while_waiting.notify_one();
+            return false;
+        };
+        let _ = tokio::time::timeout(timeout, forward(&a)).await;
+        a.inflight.count.fetch_sub(1, Ordering::AcqRel);
+        a.inflight.done.notify_waiters();
+        true
+    }
+}
+
+async fn forward(a: &Attached) -> std::io::Result<()> {
+    let mut s = a.addr.connect().await?;
+    let mut buf = BytesMut::with_capacity(16);
+    sluice_wire::frontend::encode_cancel_request(&mut buf, a.pid, &a.secret);
+    s.write_all(&buf).await?;
+    // PostgreSQL closes the connection once it has signalled the backend.
+    let mut sink = [0u8; 64];
+    while s.read(&mut sink).await? > 0 {}
+    Ok(())
+}

@@ -1,0 +1,78 @@
+//! A framed client connection: a stream plus read and write buffers. The only place in the
+//! client session that touches the socket during startup and authentication.
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use sluice_wire::frontend::{self, Header};
+use sluice_wire::{ErrorFields, WireError};
+
+use crate::stream::Stream;
+
+/// Why reading from a peer stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    /// The peer closed the connection.
+    #[error("connection closed")]
+    Closed,
+    /// A socket error.
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+    /// Bytes that are not the protocol.
+    #[error("protocol: {0}")]
+    Wire(#[from] WireError),
+}
+
+/// A client connection with buffers.
+pub struct ClientIo {
+    /// The socket.
+    pub stream: Stream,
+    /// Bytes read and not yet consumed.
+    pub rbuf: BytesMut,
+    /// Bytes to write.
+    pub wbuf: BytesMut,
+}
+
+impl ClientIo {
+    /// Wraps a stream.
+    pub fn new(stream: Stream) -> Self {
+        ClientIo {
+            stream,
+            rbuf: BytesMut::with_capacity(8192),
+            wbuf: BytesMut::with_capacity(8192),
+        }
+    }
+
+    /// Reads more bytes; `Closed` at EOF.
+    pub async fn fill(&mut self) -> Result<(), ReadError> {
+        if self.stream.read_buf(&mut self.rbuf).await? == 0 {
+            return Err(ReadError::Closed);
+        }
+        Ok(())
+    }
+
+    /// Reads one whole message of at most `max` bytes.
+    pub async fn message(&mut self, max: u32) -> Result<(Header, Bytes), ReadError> {
+        loop {
+            if let Some(m) = frontend::split_message(&mut self.rbuf, max)? {
+                return Ok(m);
+            }
+            self.fill().await?;
+        }
+    }
+
+    /// Writes everything buffered.
+    pub async fn flush(&mut self) -> std::io::Result<()> {
+        if !self.wbuf.is_empty() {
+            self.stream.write_all(&self.wbuf).await?;
+            self.wbuf.clear();
+        }
+        Ok(())
+    }
+
+    /// Sends an error (FATAL or not) and flushes; errors writing are ignored (the peer may be gone).
+    pub async fn send_error(&mut self, fields: &ErrorFields) {
+        sluice_wire::backend::encode_error(&mut self.wbuf, fields);
+        let _ = self.flush().await;
+    }
+}

@@ -1,0 +1,167 @@
+//! State shared by every task of a running Sluice: config, pools, clients, cancel keys,
+//! policies, statistics and shutdown signals. Passed explicitly; there are no globals.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use dashmap::DashMap;
+use parking_lot::Mutex;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use sluice_config::Config;
+use sluice_policy::PolicyEngine;
+
+use crate::cancel::CancelMap;
+use crate::clients::Clients;
+use crate::pools::PoolSet;
+use crate::prepared::Registry;
+
+/// Everything a session needs, behind one `Arc`.
+pub struct Shared {
+    config: ArcSwap<Config>,
+    /// Server pools.
+    pub pools: PoolSet,
+    /// Prepared statements shared by content.
+    pub registry: Registry,
+    /// Cancel keys.
+    pub cancels: CancelMap,
+    /// Logged-in clients.
+    pub clients: Arc<Clients>,
+    /// Policy plugins.
+    pub policy: Arc<PolicyEngine>,
+    /// Counters.
+    pub stats: Stats,
+    /// Per-key transaction rate limiters.
+    pub rates: Rates,
+    /// Stop accepting and close idle clients (graceful shutdown).
+    pub shutdown: CancellationToken,
+    /// Close everything now (shutdown deadline passed).
+    pub hard_stop: CancellationToken,
+    /// Every task, for draining.
+    pub tracker: TaskTracker,
+    /// Key for mock SCRAM salts of unknown users.
+    pub mock_key: [u8; 32],
+    /// When Sluice started.
+    pub started: Instant,
+    /// Reload outcomes.
+    pub reloads_ok: AtomicU64,
+    /// Failed reloads.
+    pub reloads_failed: AtomicU64,
+}
+
+impl Shared {
+    /// Builds the shared state.
+    pub fn new(config: Config, policy: Arc<PolicyEngine>) -> Self {
+        let mut mock_key = [0u8; 32];
+        rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut mock_key);
+        Shared {
+            config: ArcSwap::from_pointee(config),
+            pools: PoolSet::default(),
+            registry: Registry::default(),
+            cancels: CancelMap::default(),
+            clients: Arc::new(Clients::default()),
+            policy,
+            stats: Stats::default(),
+            rates: Rates::default(),
+            shutdown: CancellationToken::new(),
+            hard_stop: CancellationToken::new(),
+            tracker: TaskTracker::new(),
+            mock_key,
+            started: Instant::now(),
+            reloads_ok: AtomicU64::new(0),
+            reloads_failed: AtomicU64::new(0),
+        }
+    }
+
+    /// The current config.
+    pub fn config(&self) -> Arc<Config> {
+        self.config.load_full()
+    }
+
+    /// Swaps the config (reload).
+    pub fn set_config(&self, cfg: Config) {
+        self.config.store(Arc::new(cfg));
+    }
+}
+
+/// Process-wide counters.
+#[derive(Default)]
+pub struct Stats {
+    /// Transactions completed.
+    pub transactions: AtomicU64,
+    /// Queries forwarded.
+    pub queries: AtomicU64,
+    /// Total transaction time, microseconds.
+    pub xact_us: AtomicU64,
+    /// Total queue wait, microseconds.
+    pub wait_us: AtomicU64,
+    /// Checkouts that failed (shed, timeout, connect error).
+    pub checkout_errors: AtomicU64,
+    /// Transactions rejected by policy.
+    pub rejected: AtomicU64,
+    /// Transactions abandoned by their client.
+    pub abandoned: AtomicU64,
+    /// Client connections accepted.
+    pub accepted: AtomicU64,
+    /// Client connections refused at accept (max_client_conn).
+    pub refused: AtomicU64,
+}
+
+impl Stats {
+    /// Records one finished transaction.
+    pub fn record_tx(&self, took: Duration, waited: Duration) {
+        self.xact_us
+            .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
+        self.wait_us
+            .fetch_add(waited.as_micros() as u64, Ordering::Relaxed);
+    }
+}
+
+/// Token buckets per policy key, with reservations so waiters queue for tokens fairly.
+#[derive(Default)]
+pub struct Rates {
+    buckets: DashMap<String, Mutex<Bucket>>,
+}
+
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+}
+
+impl Rates {
+    /// Takes a token for `key`; returns how long to wait before using it (zero if available).
+    pub fn reserve(&self, key: &str, per_sec: f64, burst: u32) -> Duration {
+        let per_sec = if per_sec.is_finite() && per_sec > 0.0 {
+            per_sec
+        } else {
+            return Duration::ZERO;
+        };
+        let burst = f64::from(burst.max(1));
+        let now = Instant::now();
+        let entry = self.buckets.entry(key.to_string()).or_insert_with(|| {
+            Mutex::new(Bucket {
+                tokens: burst,
+                at: now,
+            })
+        });
+        let mut b = entry.lock();
+        b.tokens = (b.tokens + now.duration_since(b.at).as_secs_f64() * per_sec).min(burst);
+        b.at = now;
+        b.tokens -= 1.0;
+        if b.tokens >= 0.0 {
+            Duration::ZERO
+        } else {
+            Duration::from_secs_f64(-b.tokens / per_sec)
+        }
+    }
+
+    /// Gives back a token reserved but not used.
+    pub fn refund(&self, key: &str) {
+        if let Some(b) = self.buckets.get(key) {
+            b.lock().tokens += 1.0;
+        }
+    }
+}
