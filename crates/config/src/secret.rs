@@ -68,11 +68,7 @@ impl Secret {
                     hash: text.to_owned(),
                 });
             }
-            return Err(
-                "starts with \"md5\" but is not \"md5\" followed by 32 lowercase hex digits \
-                        (PostgreSQL's md5 secret); check the secret"
-                    .into(),
-            );
+            // Anything else starting with "md5" is a plaintext password, as in PostgreSQL.
         }
         let derived = postgres_protocol::password::scram_sha_256(text.as_bytes());
         let scram = ScramSecret::parse(&derived)

@@ -95,7 +95,12 @@ impl Admin {
                 match FrontendMessage::decode(&mut io.rbuf, 1 << 20) {
                     Ok(Some(m)) => break Some(m),
                     Ok(None) => {
-                        if io.fill().await.is_err() {
+                        let hard_stop = self.shared.hard_stop.clone();
+                        let filled = tokio::select! {
+                            r = io.fill() => r.is_ok(),
+                            _ = hard_stop.cancelled() => false,
+                        };
+                        if !filled {
                             break None;
                         }
                     }

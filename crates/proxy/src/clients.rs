@@ -107,6 +107,7 @@ impl ClientInfo {
 pub struct Clients {
     by_id: DashMap<u64, Arc<ClientInfo>>,
     counts: DashMap<String, u32>,
+    left: tokio::sync::Notify,
 }
 
 /// Counter slots held by one client; released on drop.
@@ -225,6 +226,18 @@ impl Clients {
     /// Removes a client.
     pub fn unregister(&self, id: u64) {
         self.by_id.remove(&id);
+        self.left.notify_waiters();
+    }
+
+    /// Waits until no client is logged in.
+    pub async fn wait_empty(&self) {
+        loop {
+            let notified = self.left.notified();
+            if self.by_id.is_empty() {
+                return;
+            }
+            notified.await;
+        }
     }
 
     /// Every client.

@@ -167,10 +167,18 @@ impl Running {
         begin_shutdown(&self.shared, mode);
     }
 
-    /// Waits until every task has finished (after a shutdown).
+    /// Waits for a shutdown to be requested and then for it to finish: every client gone (or
+    /// the deadline passed) and every task ended.
     pub async fn wait(self) {
-        self.shared.tracker.close();
-        self.shared.tracker.wait().await;
+        let s = &self.shared;
+        s.shutdown.cancelled().await;
+        tokio::select! {
+            _ = s.clients.wait_empty() => {}
+            _ = s.hard_stop.cancelled() => {}
+        }
+        s.hard_stop.cancel();
+        s.tracker.close();
+        s.tracker.wait().await;
     }
 }
 

@@ -428,7 +428,7 @@ async fn login(spec: &ServerSpec) -> Result<ServerConn, ServerError> {
                             .respond(data, |salt, iterations| scram_keys(spec, salt, iterations))
                             .map_err(|e| ServerError::Auth(e.to_string()))?;
                         expected_final = Some(expected);
-                        password_message(&mut out, final_msg.as_bytes());
+                        sasl_response(&mut out, final_msg.as_bytes());
                     }
                     Authentication::SaslFinal(data) => {
                         let expected = expected_final
@@ -511,6 +511,13 @@ fn scram_keys(spec: &ServerSpec, salt: &[u8], iterations: u32) -> Result<ClientK
             "the server asks for SCRAM; configure a password or SCRAM secret".into(),
         )),
     }
+}
+
+fn sasl_response(out: &mut BytesMut, data: &[u8]) {
+    use bytes::BufMut;
+    out.put_u8(b'p');
+    out.put_u32((4 + data.len()) as u32);
+    out.extend_from_slice(data);
 }
 
 fn password_message(out: &mut BytesMut, data: &[u8]) {

@@ -57,8 +57,15 @@ pub async fn run(shared: Arc<Shared>, stream: Stream, peer: Option<SocketAddr>) 
     let mut io = ClientIo::new(stream);
     let start = Instant::now();
     let login_timeout = shared.config().sluice.client_login_timeout;
+    let hard_stop = shared.hard_stop.clone();
+    let login = async {
+        tokio::select! {
+            r = startup(&shared, &mut io, peer) => r,
+            _ = hard_stop.cancelled() => Err(End::Terminated),
+        }
+    };
     let startup = match login_timeout {
-        Some(t) => match tokio::time::timeout(t, startup(&shared, &mut io, peer)).await {
+        Some(t) => match tokio::time::timeout(t, login).await {
             Ok(r) => r,
             Err(_) => {
                 io.send_error(&ErrorFields::fatal(
@@ -69,7 +76,7 @@ pub async fn run(shared: Arc<Shared>, stream: Stream, peer: Option<SocketAddr>) 
                 Err(End::Timeout("client_login_timeout"))
             }
         },
-        None => startup(&shared, &mut io, peer).await,
+        None => login.await,
     };
     let session = match startup {
         Ok(Some(Login::Client(s))) => s,
@@ -621,6 +628,9 @@ impl Session {
             }
             if io.flush().await.is_err() {
                 return End::Client;
+            }
+            if shutdown.is_cancelled() {
+                return End::Terminated;
             }
             let whole = matches!(frontend::peek_header(&io.rbuf), Ok(Some(h)) if io.rbuf.len() >= h.total_len());
             if whole {

@@ -4,7 +4,7 @@ use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
 
 use super::{parse, parse_err};
-use crate::{AuthType, ScramSecret, Secret};
+use crate::{AuthType, Config, ScramSecret, Secret};
 
 /// A SCRAM secret for the password "secret" with salt 0..16 and 4096 iterations (from Python's
 /// hashlib, independently of the code under test).
@@ -77,10 +77,18 @@ fn md5_hashes() {
 }
 
 #[test]
+fn passwords_that_only_look_like_md5_are_plaintext() {
+    // As in PostgreSQL: only "md5" + 32 lowercase hex digits is an md5 secret.
+    for pw in ["md5secret", "md56A422F785C9E20873908CE25D1736AE2"] {
+        let cfg = Config::parse(&format!("[users.app]\npassword = \"{pw}\""), None).unwrap();
+        let secret = cfg.users["app"].password.as_ref().unwrap();
+        assert_eq!(secret.plaintext(), Some(pw));
+    }
+}
+
+#[test]
 fn malformed_secrets_are_rejected_without_echoing_them() {
     let bad = [
-        ("md5ABCDEF", "32 lowercase hex"),
-        ("md56A422F785C9E20873908CE25D1736AE2", "32 lowercase hex"),
         ("SCRAM-SHA-256$4096:AAEC", "no '$'"),
         ("SCRAM-SHA-256$x:AAECAwQFBgcICQoLDA0ODw==$THoPhoTAuqyoQsK4dUHncUzgfD8fdmhsgKZhWVqNP5U=:7YiHMMi2OcXGRogub03Ek06JRZ9bkhTOdCzHa5iPLiQ=", "iteration"),
         ("SCRAM-SHA-256$0:AAECAwQFBgcICQoLDA0ODw==$THoPhoTAuqyoQsK4dUHncUzgfD8fdmhsgKZhWVqNP5U=:7YiHMMi2OcXGRogub03Ek06JRZ9bkhTOdCzHa5iPLiQ=", "iteration"),
