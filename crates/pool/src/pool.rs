@@ -226,6 +226,29 @@ impl<K: Connector> Pool<K> {
         }
     }
 
+    /// Takes an idle connection at once if one is free for this ticket, without queueing.
+    /// The caller checks [`Poolable::healthy`] itself (see [`Guard::check`]).
+    pub fn try_checkout(&self, ticket: &Ticket) -> Option<Guard<K>> {
+        let inner = &self.inner;
+        let mut st = inner.state.lock();
+        if st.closed || st.paused || !st.sched.eligible(ticket) {
+            return None;
+        }
+        let idle = st.idle.pop()?;
+        let grant = st.sched.grant_now(ticket);
+        st.checkouts += 1;
+        if let Some(h) = st.waits.get_mut(grant.class) {
+            h.record(Duration::ZERO);
+        }
+        drop(st);
+        Some(Guard {
+            slot: Some(idle.slot),
+            grant,
+            pool: inner.clone(),
+            waited: Duration::ZERO,
+        })
+    }
+
     async fn checkout_once(
         &self,
         ticket: Ticket,
@@ -769,6 +792,16 @@ pub struct Guard<K: Connector> {
 }
 
 impl<K: Connector> Guard<K> {
+    /// Runs the liveness check; a dead connection is discarded and `None` returned.
+    pub fn check(mut self) -> Option<Self> {
+        if self.conn_mut().healthy() {
+            Some(self)
+        } else {
+            self.discard();
+            None
+        }
+    }
+
     fn conn_mut(&mut self) -> &mut K::Conn {
         match self.slot.as_mut() {
             Some(s) => &mut s.conn,

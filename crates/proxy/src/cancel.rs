@@ -64,7 +64,7 @@ pub struct CancelTarget {
     /// The client's pid as Sluice told it.
     pub pid: u32,
     secret: [u8; 4],
-    slot: Mutex<Option<Attached>>,
+    slot: Mutex<Option<Arc<Attached>>>,
     /// Woken when a cancel arrives while the client waits for a server connection.
     pub while_waiting: Notify,
 }
@@ -76,7 +76,7 @@ impl CancelTarget {
     }
 
     /// Points the key at a server backend.
-    pub fn attach(&self, a: Attached) {
+    pub fn attach(&self, a: Arc<Attached>) {
         *self.slot.lock() = Some(a);
     }
 

@@ -67,6 +67,8 @@ pub struct ClientParams {
     startup: BTreeMap<String, (String, ParamValue)>,
     /// Current wishes, by lowercase name, with the name as written.
     desired: BTreeMap<String, (String, ParamValue)>,
+    /// Bumped on every change, so a server session that matched can skip the comparison.
+    epoch: u64,
 }
 
 impl ClientParams {
@@ -95,6 +97,11 @@ impl ClientParams {
         self.desired.insert(key, (name.to_string(), value));
     }
 
+    /// Changes so far; equal epochs mean equal wishes.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
     /// The current wishes.
     pub fn desired(&self) -> impl Iterator<Item = (&str, &str, &ParamValue)> {
         self.desired
@@ -112,12 +119,14 @@ impl ClientParams {
 
     /// Records a value (a tracked ParameterStatus or a session-level SET).
     pub fn set(&mut self, name: &str, value: ParamValue) {
+        self.epoch += 1;
         self.desired
             .insert(name.to_ascii_lowercase(), (name.to_string(), value));
     }
 
     /// Replaces a startup value with its normalised form (after the server accepted it).
     pub fn normalise(&mut self, name: &str, value: &str) {
+        self.epoch += 1;
         let key = name.to_ascii_lowercase();
         if let Some(e) = self.startup.get_mut(&key) {
             e.1 = ParamValue::Literal(value.to_string());
@@ -129,6 +138,7 @@ impl ClientParams {
 
     /// RESET name: back to the startup value, or the server default.
     pub fn reset(&mut self, name: &str) {
+        self.epoch += 1;
         let key = name.to_ascii_lowercase();
         match self.startup.get(&key) {
             Some(v) => {
@@ -142,6 +152,7 @@ impl ClientParams {
 
     /// RESET ALL / DISCARD ALL.
     pub fn reset_all(&mut self) {
+        self.epoch += 1;
         self.desired = self.startup.clone();
     }
 

@@ -217,11 +217,12 @@ impl Relay {
                 let body = &raw[5..];
                 let text =
                     std::str::from_utf8(body.strip_suffix(&[0]).unwrap_or(body)).unwrap_or("");
-                if self.local_query(text, client, to_client, server_status) {
+                let special = may_be_session_command(text);
+                if special && self.local_query(text, client, to_client, server_status) {
                     return;
                 }
-                let set = session_change(text);
-                if let Some(k) = sql::first_keyword(text) {
+                let set = if special { session_change(text) } else { None };
+                if let Some(k) = special.then(|| sql::first_keyword(text)).flatten() {
                     if (k.eq_ignore_ascii_case("discard") || k.eq_ignore_ascii_case("deallocate"))
                         && set.is_none()
                     {
@@ -726,6 +727,15 @@ fn undo(e: Entry, client: &mut ClientSide<'_>, server: &mut ServerConn) {
             }
         }
     }
+}
+
+/// A cheap filter before lexing: only DEALLOCATE, DISCARD, SET and RESET (or a leading comment)
+/// can be session commands.
+fn may_be_session_command(text: &str) -> bool {
+    matches!(
+        text.trim_start().as_bytes().first(),
+        Some(b'd' | b'D' | b's' | b'S' | b'r' | b'R' | b'-' | b'/')
+    )
 }
 
 fn session_change(text: &str) -> Option<SessionChange> {

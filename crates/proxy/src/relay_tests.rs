@@ -1,1 +1,401 @@
+//! Relay tests without PostgreSQL: client messages in, bytes to the server and client out.
 
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::{Bytes, BytesMut};
+use sluice_wire::backend::{self, TransactionStatus};
+use sluice_wire::frontend::{self, FrontendMessage};
+use sluice_wire::{ErrorFields, SqlState};
+
+use super::*;
+use crate::params::ClientParams;
+use crate::prepared::{ClientStatements, Registry, ServerStatements};
+use crate::server::{ServerAddr, ServerConn};
+use crate::stream::Stream;
+
+fn server(cap: usize) -> ServerConn {
+    let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+    a.set_nonblocking(true).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let stream = rt.block_on(async { tokio::net::UnixStream::from_std(a).unwrap() });
+    std::mem::forget(rt);
+    ServerConn {
+        id: 1,
+        stream: Stream::Unix(stream),
+        rbuf: BytesMut::new(),
+        addr: ServerAddr {
+            host: "/tmp".into(),
+            port: 5432,
+        },
+        pid: 1,
+        secret: vec![0; 4],
+        params: HashMap::new(),
+        applied: HashMap::new(),
+        statements: ServerStatements::new(cap),
+        status: TransactionStatus::Idle,
+        broken: false,
+        cancels: Arc::default(),
+        created: Instant::now(),
+        cancel_target: None,
+        params_for: None,
+        dbname: "db".into(),
+        user: "u".into(),
+    }
+}
+
+struct Client {
+    statements: ClientStatements,
+    params: ClientParams,
+}
+
+/// Feeds client messages; returns (bytes to server, bytes to client).
+fn send(
+    relay: &mut Relay,
+    c: &mut Client,
+    reg: &Registry,
+    s: &mut ServerConn,
+    msgs: &[FrontendMessage],
+) -> (Vec<u8>, Vec<u8>) {
+    let mut to_server = BytesMut::new();
+    let mut to_client = BytesMut::new();
+    for m in msgs {
+        let mut raw = BytesMut::new();
+        m.encode(&mut raw);
+        let header = frontend::peek_header(&raw).unwrap().unwrap();
+        let mut side = ClientSide {
+            statements: &mut c.statements,
+            params: &mut c.params,
+            registry: reg,
+        };
+        let status = s.status;
+        relay.client_message(
+            header,
+            raw.freeze(),
+            &mut side,
+            s,
+            &mut to_server,
+            &mut to_client,
+            status,
+        );
+    }
+    (to_server.to_vec(), to_client.to_vec())
+}
+
+/// Feeds server output; returns bytes to the client.
+fn answer(
+    relay: &mut Relay,
+    c: &mut Client,
+    reg: &Registry,
+    s: &mut ServerConn,
+    out: BytesMut,
+) -> Vec<u8> {
+    s.rbuf.extend_from_slice(&out);
+    let mut to_client = BytesMut::new();
+    let mut side = ClientSide {
+        statements: &mut c.statements,
+        params: &mut c.params,
+        registry: reg,
+    };
+    relay
+        .server_output(&mut side, s, &mut to_client, 1 << 20)
+        .unwrap();
+    to_client.to_vec()
+}
+
+/// The message tags in a byte stream.
+fn tags(mut b: &[u8]) -> String {
+    let mut t = String::new();
+    while b.len() >= 5 {
+        let len = u32::from_be_bytes([b[1], b[2], b[3], b[4]]) as usize;
+        t.push(b[0] as char);
+        b = &b[1 + len..];
+    }
+    t
+}
+
+fn parse(name: &str, q: &str) -> FrontendMessage {
+    FrontendMessage::Parse {
+        name: Bytes::from(name.to_string()),
+        query: Bytes::from(q.to_string()),
+        param_types: vec![],
+    }
+}
+
+fn bind(stmt: &str) -> FrontendMessage {
+    FrontendMessage::Bind {
+        portal: Bytes::new(),
+        statement: Bytes::from(stmt.to_string()),
+        rest: Bytes::from_static(&[0, 0, 0, 0, 0, 0]),
+    }
+}
+
+fn exec() -> FrontendMessage {
+    FrontendMessage::Execute {
+        portal: Bytes::new(),
+        max_rows: 0,
+    }
+}
+
+fn z(status: TransactionStatus) -> BytesMut {
+    let mut b = BytesMut::new();
+    backend::encode_ready_for_query(&mut b, status);
+    b
+}
+
+fn client() -> Client {
+    Client {
+        statements: ClientStatements::default(),
+        params: ClientParams::default(),
+    }
+}
+
+#[test]
+fn a_simple_query_holds_the_server_until_ready_for_query_idle() {
+    let (reg, mut c, mut s, mut r) = (Registry::default(), client(), server(10), Relay::default());
+    let (up, _) = send(
+        &mut r,
+        &mut c,
+        &reg,
+        &mut s,
+        &[FrontendMessage::Query {
+            sql: Bytes::from_static(b"begin"),
+        }],
+    );
+    assert_eq!(tags(&up), "Q");
+    assert!(!r.done(&s));
+    let mut out = BytesMut::new();
+    backend::encode_command_complete(&mut out, "BEGIN");
+    out.extend_from_slice(&z(TransactionStatus::InBlock));
+    assert_eq!(tags(&answer(&mut r, &mut c, &reg, &mut s, out)), "CZ");
+    assert!(!r.done(&s), "an open transaction keeps the server");
+    send(
+        &mut r,
+        &mut c,
+        &reg,
+        &mut s,
+        &[FrontendMessage::Query {
+            sql: Bytes::from_static(b"commit"),
+        }],
+    );
+    answer(&mut r, &mut c, &reg, &mut s, z(TransactionStatus::Idle));
+    assert!(r.done(&s));
+}
+
+#[test]
+fn named_statements_are_renamed_and_prepared_once_per_server() {
+    let (reg, mut c, mut s, mut r) = (Registry::default(), client(), server(10), Relay::default());
+    let (up, _) = send(
+        &mut r,
+        &mut c,
+        &reg,
+        &mut s,
+        &[
+            parse("s1", "select 1"),
+            bind("s1"),
+            exec(),
+            FrontendMessage::Sync,
+        ],
+    );
+    assert_eq!(tags(&up), "PBES");
+    assert!(
+        up.windows(9).any(|w| w == b"__sluice_"),
+        "renamed on the wire"
+    );
+    let mut out = BytesMut::new();
+    backend::encode_parse_complete(&mut out);
+    backend::encode_bind_complete(&mut out);
+    backend::encode_command_complete(&mut out, "SELECT 1");
+    out.extend_from_slice(&z(TransactionStatus::Idle));
+    assert_eq!(tags(&answer(&mut r, &mut c, &reg, &mut s, out)), "12CZ");
+    assert!(r.done(&s));
+    // Another client preparing the same text on the same server: ParseComplete comes from Sluice.
+    let mut c2 = client();
+    let mut r2 = Relay::default();
+    let (up, down) = send(
+        &mut r2,
+        &mut c2,
+        &reg,
+        &mut s,
+        &[
+            parse("other", "select 1"),
+            bind("other"),
+            exec(),
+            FrontendMessage::Sync,
+        ],
+    );
+    assert_eq!(tags(&up), "BES");
+    assert_eq!(
+        tags(&down),
+        "1",
+        "synthesised at once: nothing was outstanding"
+    );
+}
+
+#[test]
+fn a_statement_missing_on_this_server_is_prepared_silently() {
+    let reg = Registry::default();
+    let mut c = client();
+    let stmt = reg.get(&Bytes::from_static(b"select 2"), &[]);
+    c.statements.insert(Bytes::from_static(b"s1"), stmt);
+    let (mut s, mut r) = (server(10), Relay::default());
+    let (up, _) = send(
+        &mut r,
+        &mut c,
+        &reg,
+        &mut s,
+        &[bind("s1"), exec(), FrontendMessage::Sync],
+    );
+    assert_eq!(tags(&up), "PBES", "Parse injected before Bind");
+    let mut out = BytesMut::new();
+    backend::encode_parse_complete(&mut out);
+    backend::encode_bind_complete(&mut out);
+    backend::encode_command_complete(&mut out, "SELECT 1");
+    out.extend_from_slice(&z(TransactionStatus::Idle));
+    assert_eq!(
+        tags(&answer(&mut r, &mut c, &reg, &mut s, out)),
+        "2CZ",
+        "the injected ParseComplete is swallowed"
+    );
+}
+
+#[test]
+fn an_error_skips_to_sync_and_undoes_the_skipped_parse() {
+    let (reg, mut c, mut s, mut r) = (Registry::default(), client(), server(10), Relay::default());
+    send(
+        &mut r,
+        &mut c,
+        &reg,
+        &mut s,
+        &[
+            parse("bad", "selec oops"),
+            bind("bad"),
+            exec(),
+            FrontendMessage::Sync,
+        ],
+    );
+    let mut out = BytesMut::new();
+    backend::encode_error(
+        &mut out,
+        &ErrorFields::error(SqlState::SYNTAX_ERROR, "syntax error"),
+    );
+    out.extend_from_slice(&z(TransactionStatus::Idle));
+    assert_eq!(tags(&answer(&mut r, &mut c, &reg, &mut s, out)), "EZ");
+    assert!(
+        !c.statements.contains(b"bad"),
+        "a failed Parse leaves no mapping"
+    );
+    assert_eq!(s.statements.len(), 0);
+    assert!(r.done(&s));
+}
+
+#[test]
+fn unknown_and_duplicate_names_get_postgres_errors_in_order() {
+    let (reg, mut c, mut s, mut r) = (Registry::default(), client(), server(10), Relay::default());
+    let (up, down) = send(
+        &mut r,
+        &mut c,
+        &reg,
+        &mut s,
+        &[bind("nope"), exec(), FrontendMessage::Sync],
+    );
+    assert_eq!(
+        tags(&up),
+        "S",
+        "messages after the error are dropped until Sync"
+    );
+    assert_eq!(tags(&down), "E");
+    assert!(String::from_utf8_lossy(&down).contains("26000"));
+    answer(&mut r, &mut c, &reg, &mut s, z(TransactionStatus::Idle));
+    let mut r = Relay::default();
+    send(
+        &mut r,
+        &mut c,
+        &reg,
+        &mut s,
+        &[parse("s1", "select 1"), FrontendMessage::Sync],
+    );
+    let mut out = BytesMut::new();
+    backend::encode_parse_complete(&mut out);
+    out.extend_from_slice(&z(TransactionStatus::Idle));
+    answer(&mut r, &mut c, &reg, &mut s, out);
+    let mut r = Relay::default();
+    let (_, down) = send(
+        &mut r,
+        &mut c,
+        &reg,
+        &mut s,
+        &[parse("s1", "select 2"), FrontendMessage::Sync],
+    );
+    assert!(String::from_utf8_lossy(&down).contains("42P05"));
+}
+
+#[test]
+fn close_and_deallocate_change_only_the_client_view() {
+    let reg = Registry::default();
+    let mut c = client();
+    c.statements.insert(
+        Bytes::from_static(b"s1"),
+        reg.get(&Bytes::from_static(b"select 1"), &[]),
+    );
+    c.statements.insert(
+        Bytes::from_static(b"s2"),
+        reg.get(&Bytes::from_static(b"select 2"), &[]),
+    );
+    let (mut s, mut r) = (server(10), Relay::default());
+    let (up, down) = send(
+        &mut r,
+        &mut c,
+        &reg,
+        &mut s,
+        &[FrontendMessage::Close {
+            kind: b'S',
+            name: Bytes::from_static(b"s1"),
+        }],
+    );
+    assert_eq!((tags(&up).as_str(), tags(&down).as_str()), ("", "3"));
+    assert!(!c.statements.contains(b"s1"));
+    let (up, down) = send(
+        &mut r,
+        &mut c,
+        &reg,
+        &mut s,
+        &[FrontendMessage::Query {
+            sql: Bytes::from_static(b"DEALLOCATE ALL"),
+        }],
+    );
+    assert_eq!((tags(&up).as_str(), tags(&down).as_str()), ("", "CZ"));
+    assert!(c.statements.is_empty());
+}
+
+#[test]
+fn the_server_cache_evicts_with_an_injected_close() {
+    let (reg, mut c, mut s, mut r) = (Registry::default(), client(), server(1), Relay::default());
+    let (up, _) = send(
+        &mut r,
+        &mut c,
+        &reg,
+        &mut s,
+        &[
+            parse("a", "select 1"),
+            parse("b", "select 2"),
+            FrontendMessage::Sync,
+        ],
+    );
+    assert_eq!(
+        tags(&up),
+        "PPCS",
+        "the second Parse evicts the first with a Close"
+    );
+    let mut out = BytesMut::new();
+    backend::encode_parse_complete(&mut out);
+    backend::encode_parse_complete(&mut out);
+    backend::encode_close_complete(&mut out);
+    out.extend_from_slice(&z(TransactionStatus::Idle));
+    assert_eq!(tags(&answer(&mut r, &mut c, &reg, &mut s, out)), "11Z");
+    assert_eq!(s.statements.len(), 1);
+}

@@ -194,6 +194,10 @@ pub struct ServerConn {
     pub cancels: Arc<crate::cancel::InFlight>,
     /// When the connection was opened.
     pub created: Instant,
+    /// The cancel route to this backend, built on first use.
+    pub cancel_target: Option<Arc<crate::cancel::Attached>>,
+    /// The client (id, parameter epoch) whose parameters this session has now.
+    pub params_for: Option<(u64, u64)>,
     /// Database and user, for SHOW SERVERS.
     pub dbname: String,
     /// Role name.
@@ -207,6 +211,22 @@ impl std::fmt::Debug for ServerConn {
             .field("pid", &self.pid)
             .field("status", &self.status)
             .finish()
+    }
+}
+
+impl ServerConn {
+    /// Where a cancel for this backend goes (built once per connection).
+    pub fn cancel_target(&mut self) -> Arc<crate::cancel::Attached> {
+        self.cancel_target
+            .get_or_insert_with(|| {
+                Arc::new(crate::cancel::Attached {
+                    addr: self.addr.clone(),
+                    pid: self.pid,
+                    secret: self.secret.clone(),
+                    inflight: self.cancels.clone(),
+                })
+            })
+            .clone()
     }
 }
 
@@ -482,6 +502,8 @@ async fn login(spec: &ServerSpec) -> Result<ServerConn, ServerError> {
         broken: false,
         cancels: Arc::default(),
         created: Instant::now(),
+        cancel_target: None,
+        params_for: None,
         dbname: spec.dbname.clone(),
         user: spec.user.clone(),
     })

@@ -21,7 +21,7 @@ use sluice_wire::startup::StartupPacket;
 use sluice_wire::{ErrorFields, Severity, SqlState};
 
 use crate::auth::{self, Outcome as AuthOutcome};
-use crate::cancel::{Attached, CancelTarget};
+use crate::cancel::CancelTarget;
 use crate::clients::{ClientInfo, ClientState, Counted};
 use crate::io::ClientIo;
 use crate::params::ClientParams;
@@ -522,6 +522,18 @@ impl Session {
                 tokio::time::sleep(wait).await;
             }
         }
+        if self.rate.is_none() {
+            if let Some(g) = self
+                .pool
+                .pool
+                .try_checkout(&self.ticket)
+                .and_then(|g| g.check())
+            {
+                self.info.set_state(ClientState::Active);
+                self.info.server_pid.store(g.pid, Ordering::Relaxed);
+                return Ok(g);
+            }
+        }
         self.info.set_state(ClientState::Waiting);
         let fut = self.pool.pool.checkout(self.ticket.clone());
         tokio::pin!(fut);
@@ -671,9 +683,9 @@ impl Session {
     }
 
     /// The first statement of a new transaction, for policies.
-    fn first_statement(&self, io: &ClientIo) -> (String, bool) {
+    fn first_statement(&self, io: &ClientIo) -> String {
         let Ok(Some(h)) = frontend::peek_header(&io.rbuf) else {
-            return (String::new(), false);
+            return String::new();
         };
         let cap = self.shared.config().policy.max_query_len as usize;
         let total = h.total_len().min(io.rbuf.len());
@@ -699,7 +711,7 @@ impl Session {
         while s.len() > cap {
             s.pop();
         }
-        (s, h.tag == b'Q')
+        s
     }
 
     /// Reports a refusal before any server is involved, consuming the batch it applies to.
@@ -732,12 +744,11 @@ impl Session {
     async fn transaction(&mut self, io: &mut ClientIo) -> Result<(), End> {
         let shared = self.shared.clone();
         let policy = &shared.policy;
-        let (query, simple) = self.first_statement(io);
-        let kind = sluice_policy::statement_kind(&query);
         let mut ticket = self.ticket.clone();
         let mut timeout_ms = None;
-        let mut wants_query = false;
         if policy.wants(Hook::Transaction) || policy.wants(Hook::Query) {
+            let query = self.first_statement(io);
+            let kind = sluice_policy::statement_kind(&query);
             let stats = self.pool.pool.stats();
             let facts = TransactionFacts {
                 cookies: &self.cookies,
@@ -756,7 +767,6 @@ impl Session {
                 if !policy.wants(hook) {
                     continue;
                 }
-                wants_query |= hook == Hook::Query;
                 let d = if hook == Hook::Transaction {
                     policy.on_transaction(&facts)
                 } else {
@@ -782,7 +792,6 @@ impl Session {
                 }
             }
         }
-        let _ = (simple, wants_query);
         let saved = std::mem::replace(&mut self.ticket, ticket);
         let checkout = self.checkout(io).await;
         self.ticket = saved;
@@ -792,12 +801,7 @@ impl Session {
         };
         let waited = guard.waited;
         let started = Instant::now();
-        self.cancel.attach(Attached {
-            addr: guard.addr.clone(),
-            pid: guard.pid,
-            secret: guard.secret.clone(),
-            inflight: guard.cancels.clone(),
-        });
+        self.cancel.attach(guard.cancel_target());
         let result = self.relay(io, &mut guard, timeout_ms).await;
         self.cancel.detach();
         self.info.server_pid.store(0, Ordering::Relaxed);
@@ -890,8 +894,10 @@ impl Session {
         let mut relay = Relay::default();
         let mut to_server = BytesMut::with_capacity(4096);
         relay.close_orphans(server, &mut to_server);
-        if let Some(sql) = self.params.diff(&server.params, &mut server.applied) {
-            relay.inject_query(&sql, &mut to_server);
+        if server.params_for != Some((self.info.id, self.params.epoch())) {
+            if let Some(sql) = self.params.diff(&server.params, &mut server.applied) {
+                relay.inject_query(&sql, &mut to_server);
+            }
         }
         let _ = timeout_ms;
         let kill = self.info.kill.clone();
@@ -940,6 +946,7 @@ impl Session {
                 );
             }
             if relay.started && relay.done(server) && to_server.is_empty() {
+                server.params_for = Some((self.info.id, self.params.epoch()));
                 if !io.wbuf.is_empty() {
                     io.flush().await.map_err(|_| End::Client)?;
                 }
