@@ -21,6 +21,9 @@ say() { printf '\033[1m==> %s\033[0m\n' "$*"; }
 die() { printf 'demo: %s\n' "$*" >&2; exit 1; }
 
 # --- what we need ------------------------------------------------------------------------------
+# On a fresh machine this installs PostgreSQL and friends first (idempotent, quiet).
+bash scripts/setup.sh
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-${SLUICE_CACHE:-$HOME/.cache/sluice}/target}
 pgbin=${SLUICE_PG_BIN:-/usr/lib/postgresql/15/bin}
 [ -x "$pgbin/initdb" ] || pgbin=$(pg_config --bindir 2>/dev/null || true)
 [ -x "$pgbin/initdb" ] || die "PostgreSQL server binaries not found: run scripts/setup.sh"

@@ -22,12 +22,11 @@ export SLUICE_PY=$SLUICE_CACHE/py/bin/python
 export SLUICE_NODE_PATH=$SLUICE_CACHE/node/node_modules
 export SLUICE_JDBC_JAR=${SLUICE_JDBC_JAR:-/usr/share/java/postgresql.jar}
 
-if [ -f plugins/Cargo.toml ]; then
-    echo "test: building plugins (wasm32-wasip2)"
-    # plugins/ is its own workspace with its own target dir (plugins/target), which the tests
-    # read the .wasm files from.
-    (cd plugins && env -u CARGO_TARGET_DIR cargo build --release --target wasm32-wasip2 --quiet)
-fi
+# plugins/ is its own workspace, built for wasm32 into its own cache folder; the tests load the
+# .wasm files from there (sluice_policy::testing::plugin_path).
+export SLUICE_PLUGINS_TARGET_DIR=${SLUICE_PLUGINS_TARGET_DIR:-$SLUICE_CACHE/plugins-target}
+echo "test: building plugins (wasm32-wasip2)"
+(cd plugins && CARGO_TARGET_DIR=$SLUICE_PLUGINS_TARGET_DIR cargo build --release --target wasm32-wasip2 --quiet)
 
 echo "test: cargo test --workspace"
 cargo test --workspace "$@"

@@ -61,6 +61,8 @@ enum Entry {
     },
     Bind {
         stmt: Option<Arc<Statement>>,
+        /// Index of this Bind in its batch, for a retry.
+        at: usize,
     },
     Describe {
         stmt: Option<Arc<Statement>>,
@@ -132,6 +134,20 @@ pub struct Relay {
     pub queries: u64,
     /// A client message was handled: the transaction has begun.
     pub started: bool,
+    /// Raw client messages of the extended-protocol batch being sent (since the last Sync).
+    batch: Vec<Bytes>,
+    /// The batch's messages once its Sync went out, kept for a retry after DDL.
+    sent_batch: Vec<Bytes>,
+    /// Server status when the current batch began.
+    batch_start: Option<TransactionStatus>,
+    /// An Execute of the current batch has already answered (a retry would repeat it).
+    executed: bool,
+    /// Replay `sent_batch[i..]` when the batch's ReadyForQuery arrives (cached-plan retry).
+    retry_from: Option<usize>,
+    /// Messages Sluice must send upstream on its own (a retry), drained by the session.
+    pub upstream: BytesMut,
+    /// Retries done in this transaction.
+    pub retries: u32,
 }
 
 impl Relay {
@@ -204,6 +220,13 @@ impl Relay {
         if self.skip_until_sync && tag != b'S' {
             return;
         }
+        if matches!(tag, b'P' | b'B' | b'D' | b'E' | b'C' | b'H' | b'S') {
+            if self.batch.is_empty() {
+                self.batch_start = Some(server_status);
+                self.executed = false;
+            }
+            self.batch.push(raw.clone());
+        }
         match tag {
             b'S' => {
                 self.skip_until_sync = false;
@@ -211,6 +234,7 @@ impl Relay {
                 self.last_bind = None;
                 to_server.extend_from_slice(&raw);
                 self.queue.push_back(Entry::Sync);
+                self.sent_batch = std::mem::take(&mut self.batch);
             }
             b'Q' => {
                 self.queries += 1;
@@ -419,7 +443,8 @@ impl Relay {
                 if statement.is_empty() {
                     frontend::encode_bind_renamed(to_server, &portal, b"", &rest);
                     self.last_bind = None;
-                    self.queue.push_back(Entry::Bind { stmt: None });
+                    let at = self.batch.len().saturating_sub(1);
+                    self.queue.push_back(Entry::Bind { stmt: None, at });
                     return;
                 }
                 let Some(stmt) = client.statements.resolve(&statement, client.registry) else {
@@ -429,7 +454,11 @@ impl Relay {
                 self.ensure_prepared(&stmt, server, to_server);
                 frontend::encode_bind_renamed(to_server, &portal, &stmt.server_name, &rest);
                 self.last_bind = Some(stmt.clone());
-                self.queue.push_back(Entry::Bind { stmt: Some(stmt) });
+                let at = self.batch.len().saturating_sub(1);
+                self.queue.push_back(Entry::Bind {
+                    stmt: Some(stmt),
+                    at,
+                });
             }
             FrontendMessage::Describe { kind, name } => {
                 if kind == b'S' && !name.is_empty() {
@@ -568,6 +597,9 @@ impl Relay {
                 if tag == b'C' {
                     self.copy_in = false;
                 }
+                if matches!(self.queue.front(), Some(Entry::Execute { .. })) {
+                    self.executed = true;
+                }
                 self.pop_if(|e| matches!(e, Entry::Execute { .. }));
             }
             b'G' => self.copy_in = true,
@@ -594,7 +626,16 @@ impl Relay {
                             }
                         }
                     }
-                    Some(Entry::Sync) | None => {}
+                    Some(Entry::Sync) => {
+                        if let Some(from) = self.retry_from.take() {
+                            // Re-run the rest of the batch: the client never saw it fail.
+                            forward = false;
+                            ev.ready = false;
+                            self.retries += 1;
+                            self.replay(from, client, server, to_client);
+                        }
+                    }
+                    None => {}
                     Some(other) => {
                         // Out of step: keep the entry for its answer that has not come.
                         self.queue.push_front(other);
@@ -652,6 +693,21 @@ impl Relay {
                     .starts_with("cached plan must not change result type")
             {
                 self.invalidate_head(client, server);
+                if let Some(at) = self.retry_point() {
+                    // Safe to retry: hide the error, let the server skip to Sync, then replay.
+                    self.retry_from = Some(at);
+                    self.saw_error = false;
+                    *forward = false;
+                    while let Some(e) = self.queue.front() {
+                        if matches!(e, Entry::Sync) {
+                            break;
+                        }
+                        if let Some(e) = self.queue.pop_front() {
+                            undo(e, client, server);
+                        }
+                    }
+                    return;
+                }
             }
         }
         match self.queue.front_mut() {
@@ -682,9 +738,57 @@ impl Relay {
         }
     }
 
+    /// Where a batch that failed with a stale cached plan can be replayed from, if that is
+    /// safe: outside a transaction block, first attempt, nothing executed yet in the batch, the
+    /// failing message is a Bind of a named statement, it is the last batch sent, and the client
+    /// describes the result in this batch (so it learns the new row shape).
+    fn retry_point(&self) -> Option<usize> {
+        if self.retries > 0 || self.executed || self.batch_start != Some(TransactionStatus::Idle) {
+            return None;
+        }
+        let Some(Entry::Bind { stmt: Some(_), at }) = self.queue.front() else {
+            return None;
+        };
+        let syncs = self
+            .queue
+            .iter()
+            .filter(|e| matches!(e, Entry::Sync))
+            .count();
+        if syncs != 1 || !self.batch.is_empty() {
+            return None;
+        }
+        let rest = self.sent_batch.get(*at..)?;
+        let describes = rest.iter().any(|m| m.first() == Some(&b'D'));
+        describes.then_some(*at)
+    }
+
+    fn replay(
+        &mut self,
+        from: usize,
+        client: &mut ClientSide<'_>,
+        server: &mut ServerConn,
+        to_client: &mut BytesMut,
+    ) {
+        let msgs: Vec<Bytes> = self
+            .sent_batch
+            .get(from..)
+            .map(<[Bytes]>::to_vec)
+            .unwrap_or_default();
+        let mut up = std::mem::take(&mut self.upstream);
+        self.close_orphans(server, &mut up);
+        for raw in msgs {
+            let Ok(Some(header)) = frontend::peek_header(&raw) else {
+                continue;
+            };
+            let status = server.status;
+            self.client_message(header, raw, client, server, &mut up, to_client, status);
+        }
+        self.upstream = up;
+    }
+
     fn invalidate_head(&mut self, client: &mut ClientSide<'_>, server: &mut ServerConn) {
         let stmt = self.queue.iter().find_map(|e| match e {
-            Entry::Bind { stmt: Some(s) }
+            Entry::Bind { stmt: Some(s), .. }
             | Entry::Describe { stmt: Some(s) }
             | Entry::Execute { stmt: Some(s) } => Some(s.clone()),
             _ => None,

@@ -399,3 +399,87 @@ fn the_server_cache_evicts_with_an_injected_close() {
     assert_eq!(tags(&answer(&mut r, &mut c, &reg, &mut s, out)), "11Z");
     assert_eq!(s.statements.len(), 1);
 }
+
+#[test]
+fn a_stale_cached_plan_is_reprepared_and_retried_when_the_client_describes() {
+    let reg = Registry::default();
+    let mut c = client();
+    let stmt = reg.get(&Bytes::from_static(b"select * from t"), &[]);
+    c.statements.insert(Bytes::from_static(b"s1"), stmt.clone());
+    let mut s = server(10);
+    s.statements.insert(stmt.id, stmt.server_name.clone());
+    let mut r = Relay::default();
+    let describe = FrontendMessage::Describe {
+        kind: b'P',
+        name: Bytes::new(),
+    };
+    let (up, _) = send(
+        &mut r,
+        &mut c,
+        &reg,
+        &mut s,
+        &[bind("s1"), describe, exec(), FrontendMessage::Sync],
+    );
+    assert_eq!(tags(&up), "BDES");
+    let mut out = BytesMut::new();
+    backend::encode_error(
+        &mut out,
+        &ErrorFields::error(
+            SqlState::FEATURE_NOT_SUPPORTED,
+            "cached plan must not change result type",
+        ),
+    );
+    out.extend_from_slice(&z(TransactionStatus::Idle));
+    assert_eq!(
+        tags(&answer(&mut r, &mut c, &reg, &mut s, out)),
+        "",
+        "the client sees nothing of the failure"
+    );
+    // Close the stale statement, prepare a fresh one, replay Bind/Describe/Execute/Sync.
+    assert_eq!(tags(&r.upstream), "CSPBDES");
+    let fresh = c.statements.resolve(b"s1", &reg).unwrap();
+    assert_ne!(fresh.id, stmt.id);
+    let mut out = BytesMut::new();
+    backend::encode_close_complete(&mut out);
+    out.extend_from_slice(&z(TransactionStatus::Idle));
+    backend::encode_parse_complete(&mut out);
+    backend::encode_bind_complete(&mut out);
+    backend::encode_row_description(&mut out, &["a", "b"]);
+    backend::encode_data_row(&mut out, &[Some(b"1"), Some(b"2")]);
+    backend::encode_command_complete(&mut out, "SELECT 1");
+    out.extend_from_slice(&z(TransactionStatus::Idle));
+    r.upstream.clear();
+    assert_eq!(tags(&answer(&mut r, &mut c, &reg, &mut s, out)), "2TDCZ");
+    assert!(r.done(&s));
+}
+
+#[test]
+fn a_stale_cached_plan_without_describe_is_reported_and_invalidated() {
+    let reg = Registry::default();
+    let mut c = client();
+    let stmt = reg.get(&Bytes::from_static(b"select * from t"), &[]);
+    c.statements.insert(Bytes::from_static(b"s1"), stmt.clone());
+    let mut s = server(10);
+    s.statements.insert(stmt.id, stmt.server_name.clone());
+    let mut r = Relay::default();
+    send(
+        &mut r,
+        &mut c,
+        &reg,
+        &mut s,
+        &[bind("s1"), exec(), FrontendMessage::Sync],
+    );
+    let mut out = BytesMut::new();
+    backend::encode_error(
+        &mut out,
+        &ErrorFields::error(
+            SqlState::FEATURE_NOT_SUPPORTED,
+            "cached plan must not change result type",
+        ),
+    );
+    out.extend_from_slice(&z(TransactionStatus::Idle));
+    assert_eq!(tags(&answer(&mut r, &mut c, &reg, &mut s, out)), "EZ");
+    // The next attempt uses a fresh server-side statement.
+    assert_ne!(c.statements.resolve(b"s1", &reg).unwrap().id, stmt.id);
+    assert_eq!(s.statements.orphans.len(), 1);
+}

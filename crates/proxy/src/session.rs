@@ -980,7 +980,12 @@ impl Session {
                         }
                         Ok(_) => {
                             let mut side = ClientSide { statements: &mut self.statements, params: &mut self.params, registry: &self.shared.registry };
-                            if let Err(e) = relay.server_output(&mut side, server, &mut io.wbuf, max) {
+                            let out = relay.server_output(&mut side, server, &mut io.wbuf, max);
+                            if !relay.upstream.is_empty() {
+                                to_server.extend_from_slice(&relay.upstream);
+                                relay.upstream.clear();
+                            }
+                            if let Err(e) = out {
                                 server.broken = true;
                                 drop((cr, cw));
                                 let f = ErrorFields::fatal(SqlState::CONNECTION_FAILURE, format!("server connection lost: {e}"));
