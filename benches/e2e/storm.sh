@@ -93,9 +93,12 @@ else
 name = "shed"
 path = "$PLUGIN_DIR/shed.wasm"
 [policy.plugins.config]
-batch = "scraper"
-class = "batch"
-max_wait_ms = 200
+batch_classes = "batch"
+saturation = 1.0        # every connection busy...
+min_waiting = 200       # ...and a long queue: refuse new batch transactions at once
+[policy.plugins.config.classes.batch]
+oldest_wait_ms = 1000   # batch waiters queued over 1 s...
+max_wait_ms = 2000      # ...are shed after 2 s
 EOF
 fi
 

@@ -272,6 +272,12 @@ impl Relay {
             }
             b'P' | b'B' | b'D' | b'C' => {
                 self.unsynced = true;
+                if let Some(entry) = self.unnamed_passthrough(tag, &raw) {
+                    // Unnamed statement or portal: nothing to rename, forward the bytes as is.
+                    to_server.extend_from_slice(&raw);
+                    self.queue.push_back(entry);
+                    return;
+                }
                 let mut buf = BytesMut::from(&raw[..]);
                 match FrontendMessage::decode(&mut buf, u32::MAX) {
                     Ok(Some(msg)) => self.extended(msg, client, server, to_server, to_client),
@@ -305,6 +311,41 @@ impl Relay {
             _ => {
                 to_server.extend_from_slice(&raw);
             }
+        }
+    }
+
+    /// The queue entry for a Parse/Bind/Describe/Close that names no prepared statement, which
+    /// Sluice forwards untouched; `None` when the message needs decoding.
+    fn unnamed_passthrough(&mut self, tag: u8, raw: &[u8]) -> Option<Entry> {
+        let body = raw.get(5..)?;
+        match tag {
+            b'P' if body.first() == Some(&0) => Some(Entry::Parse {
+                swallow: false,
+                server_stmt: None,
+                undo: None,
+            }),
+            b'B' => {
+                let portal_end = body.iter().position(|b| *b == 0)?;
+                if body.get(portal_end + 1) != Some(&0) {
+                    return None;
+                }
+                self.last_bind = None;
+                let at = self.batch.len().saturating_sub(1);
+                Some(Entry::Bind { stmt: None, at })
+            }
+            b'D' if body.first() == Some(&b'P') || body.get(1) == Some(&0) => {
+                let stmt = if body.first() == Some(&b'P') {
+                    self.last_bind.clone()
+                } else {
+                    None
+                };
+                Some(Entry::Describe { stmt })
+            }
+            b'C' if body.first() == Some(&b'P') => Some(Entry::Close {
+                swallow: false,
+                evicted: None,
+            }),
+            _ => None,
         }
     }
 

@@ -306,6 +306,9 @@ async fn startup(
         })
     });
     let cancel = shared.cancels.register();
+    let span = tracing::Span::current();
+    span.record("user", user.as_str());
+    span.record("db", db.as_str());
     let info = shared.clients.register(ClientInfo::new(
         &user,
         &db,
@@ -314,6 +317,7 @@ async fn startup(
         cancel.pid,
         &class_name,
     ));
+    span.record("client.id", info.id);
     let mut session = Session {
         shared: shared.clone(),
         pool,
