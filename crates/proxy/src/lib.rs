@@ -77,7 +77,7 @@ impl Proxy {
         let g = config.sluice.clone();
         let shared = Arc::new(Shared::new(config, policy.clone()));
         policy.set_pool_state(Arc::new(PoolState(Arc::downgrade(&shared))));
-        let permits = Arc::new(Semaphore::new(g.max_client_conn as usize));
+        let permits = shared.client_permits.clone();
         let mut local_addr = None;
         let mut listeners = Vec::new();
         let mut port = g.listen_port;
@@ -248,6 +248,25 @@ pub async fn apply_config(shared: &Arc<Shared>, cfg: Config) -> Result<(), Strin
         return Err(e.to_string());
     }
     shared.pools.reconfigure(&cfg);
+    let (was, now) = (
+        old.sluice.max_client_conn as usize,
+        cfg.sluice.max_client_conn as usize,
+    );
+    if now > was {
+        shared.client_permits.add_permits(now - was);
+    } else if now < was {
+        // Sessions holding permits keep them; the cap tightens as they leave.
+        let shrink = shared.client_permits.forget_permits(was - now);
+        if shrink < was - now {
+            let s = shared.clone();
+            let rest = was - now - shrink;
+            shared.tracker.spawn(async move {
+                if let Ok(p) = s.client_permits.acquire_many(rest as u32).await {
+                    p.forget();
+                }
+            });
+        }
+    }
     shared.set_config(cfg);
     shared.reloads_ok.fetch_add(1, Ordering::Relaxed);
     info!("configuration reloaded");
@@ -379,10 +398,10 @@ async fn maintenance(shared: Arc<Shared>) {
         if shared.shutdown.is_cancelled() && shared.clients.is_empty() {
             return;
         }
-        if n % 10 == 0 {
+        if n.is_multiple_of(10) {
             shared.pools.maintain();
         }
-        if n % 600 == 0 {
+        if n.is_multiple_of(600) {
             shared.registry.collect_garbage();
         }
         metrics::pressure_tick(&shared);

@@ -205,6 +205,7 @@ impl Relay {
     }
 
     /// Handles one whole client message (`raw` holds exactly its bytes).
+    #[allow(clippy::too_many_arguments)]
     pub fn client_message(
         &mut self,
         header: Header,
@@ -661,10 +662,8 @@ impl Relay {
                         failed,
                         swallow,
                     }) => {
-                        if !failed && !swallow {
-                            if let Some(change) = set {
-                                apply_change(change, client.params, server);
-                            }
+                        if let (false, false, Some(change)) = (failed, swallow, set) {
+                            apply_change(change, client.params, server);
                         }
                     }
                     Some(Entry::Sync) => {

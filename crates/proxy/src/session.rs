@@ -353,12 +353,12 @@ async fn startup(
         session.close();
         return Err(End::Client);
     }
-    Ok(Some(Login::Client(session)))
+    Ok(Some(Login::Client(Box::new(session))))
 }
 
 /// What a successful login leads to.
 enum Login {
-    Client(Session),
+    Client(Box<Session>),
     Admin(crate::admin::Admin),
 }
 
@@ -655,7 +655,13 @@ impl Session {
                     Err(end) => return end,
                 }
             }
-            let idle_timeout = self.shared.config().sluice.client_idle_timeout;
+            let idle_timeout = {
+                let cfg = self.shared.config();
+                cfg.users
+                    .get(&self.info.user)
+                    .and_then(|u| u.client_idle_timeout)
+                    .unwrap_or(cfg.sluice.client_idle_timeout)
+            };
             let idle = async {
                 match idle_timeout {
                     Some(t) => tokio::time::sleep(t).await,
@@ -978,7 +984,7 @@ impl Session {
                         Ok(0) | Err(_) => {
                             server.broken = true;
                             let f = ErrorFields::fatal(SqlState::CONNECTION_FAILURE, "server connection lost: the server closed the connection unexpectedly");
-                            drop((cr, cw));
+                            let _ = (cr, cw);
                             io.send_error(&f).await;
                             return Err(End::Server(f.message));
                         }
@@ -991,7 +997,7 @@ impl Session {
                             }
                             if let Err(e) = out {
                                 server.broken = true;
-                                drop((cr, cw));
+                                let _ = (cr, cw);
                                 let f = ErrorFields::fatal(SqlState::CONNECTION_FAILURE, format!("server connection lost: {e}"));
                                 io.send_error(&f).await;
                                 return Err(End::Server(e));
@@ -1005,7 +1011,7 @@ impl Session {
                 r = sw.write_buf(&mut to_server), if !to_server.is_empty() => {
                     if r.is_err() {
                         server.broken = true;
-                        drop((cr, cw));
+                        let _ = (cr, cw);
                         let f = ErrorFields::fatal(SqlState::CONNECTION_FAILURE, "server connection lost while sending");
                         io.send_error(&f).await;
                         return Err(End::Server(f.message));
@@ -1018,7 +1024,7 @@ impl Session {
                     }
                 }
                 _ = idle_wait => {
-                    drop((cr, cw));
+                    let _ = (cr, cw);
                     io.send_error(&ErrorFields::fatal(SqlState::IDLE_IN_TRANSACTION_SESSION_TIMEOUT, "idle_transaction_timeout: terminating connection due to idle-in-transaction timeout")).await;
                     return Err(End::Timeout("idle_transaction_timeout"));
                 }

@@ -50,6 +50,8 @@ pub struct Shared {
     pub reloads_ok: AtomicU64,
     /// Failed reloads.
     pub reloads_failed: AtomicU64,
+    /// One permit per client connection (`max_client_conn`), resized on reload.
+    pub client_permits: Arc<tokio::sync::Semaphore>,
 }
 
 impl Shared {
@@ -57,7 +59,11 @@ impl Shared {
     pub fn new(config: Config, policy: Arc<PolicyEngine>) -> Self {
         let mut mock_key = [0u8; 32];
         rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut mock_key);
+        let client_permits = Arc::new(tokio::sync::Semaphore::new(
+            config.sluice.max_client_conn as usize,
+        ));
         Shared {
+            client_permits,
             config: ArcSwap::from_pointee(config),
             pools: PoolSet::default(),
             registry: Registry::default(),

@@ -193,12 +193,20 @@ fn policy_test(
         .file_stem()
         .map(|s| s.to_string_lossy().to_string())
         .unwrap_or_else(|| "plugin".into());
-    let settings = pcfg
+    // The plugin's settings: the entry with its name or path, else the only entry there is.
+    let entry = pcfg
         .plugins
         .iter()
         .find(|p| p.name == name || p.path == plugin)
-        .map(|p| p.settings.clone())
-        .unwrap_or_default();
+        .or(if pcfg.plugins.len() == 1 {
+            pcfg.plugins.first()
+        } else {
+            None
+        });
+    if config.is_some() && entry.is_none() && !pcfg.plugins.is_empty() {
+        eprintln!("sluice: no [[policy.plugins]] entry named \"{name}\" in the config: running it without settings");
+    }
+    let settings = entry.map(|p| p.settings.clone()).unwrap_or_default();
     pcfg.plugins = vec![PluginConfig {
         name,
         path: plugin,

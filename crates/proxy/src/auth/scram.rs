@@ -123,7 +123,7 @@ fn nonce() -> String {
     B64.encode(raw)
 }
 
-fn attr<'a>(part: &'a str, key: char) -> Result<&'a str, ScramError> {
+fn attr(part: &str, key: char) -> Result<&str, ScramError> {
     part.strip_prefix(key)
         .and_then(|r| r.strip_prefix('='))
         .ok_or(ScramError::Malformed("unexpected attribute"))
