@@ -50,13 +50,17 @@ declare -A WL=(
 IFS=, read -r -a targets <<<"$TARGETS"
 IFS=, read -r -a workloads <<<"$WORKLOADS"
 for t in "${targets[@]}"; do
-    case $t in direct|pgbouncer|sluice) ;; *) die "unknown target '$t' (direct, pgbouncer, sluice)" ;; esac
+    case $t in direct|pgbouncer|sluice|sluice-priority) ;; *) die "unknown target '$t' (direct, pgbouncer, sluice, sluice-priority)" ;; esac
 done
 for w in "${workloads[@]}"; do [[ -n ${WL[$w]:-} ]] || die "unknown workload '$w'"; done
 
 check_tools
 [[ ",$TARGETS," == *,pgbouncer,* ]] && check_pgbouncer
-[[ ",$TARGETS," == *,sluice,* ]] && check_sluice
+[[ ",$TARGETS," == *,sluice* ]] && check_sluice
+if [[ ",$TARGETS," == *,sluice-priority,* ]]; then
+    PRIORITY_WASM=${PRIORITY_WASM:-${SLUICE_PLUGINS_TARGET_DIR:-$HOME/.cache/sluice/plugins-target}/wasm32-wasip2/release/priority.wasm}
+    [[ -f $PRIORITY_WASM ]] || die "priority plugin not found at $PRIORITY_WASM (cd plugins && cargo build --release --target wasm32-wasip2)"
+fi
 
 install_traps
 make_workdir
@@ -69,9 +73,31 @@ start_postgres
 pgbench_init
 [[ ",$TARGETS," == *,pgbouncer,* ]] && start_pgbouncer
 [[ ",$TARGETS," == *,sluice,* ]] && start_sluice compare
+SLUICE_PLAIN_PORT=${SLUICE_PORT:-}
+SLUICE_PLAIN_PID=${SLUICE_PID:-}
+if [[ ",$TARGETS," == *,sluice-priority,* ]]; then
+    # The same Sluice with the priority plugin deciding every connect and transaction.
+    cat >"$WORK/priority.toml" <<EOF
+[classes.web]
+priority = 100
+[classes.batch]
+priority = 0
+[[policy.plugins]]
+name = "priority"
+path = "$PRIORITY_WASM"
+[policy.plugins.config]
+web = "pgbench"
+batch = "scraper"
+select_boost = 5
+EOF
+    [[ -n $SLUICE_PLAIN_PID ]] && EXTRA_PIDS+=("$SLUICE_PLAIN_PID")
+    start_sluice priority "$WORK/priority.toml"
+    SLUICE_PRIO_PORT=$SLUICE_PORT
+    SLUICE_PRIO_PID=$SLUICE_PID
+fi
 
-port_of() { case $1 in direct) echo "$PG_PORT" ;; pgbouncer) echo "$PGB_PORT" ;; sluice) echo "$SLUICE_PORT" ;; esac; }
-pid_of() { case $1 in direct) echo "" ;; pgbouncer) echo "$PGB_PID" ;; sluice) echo "$SLUICE_PID" ;; esac; }
+port_of() { case $1 in direct) echo "$PG_PORT" ;; pgbouncer) echo "$PGB_PORT" ;; sluice) echo "$SLUICE_PLAIN_PORT" ;; sluice-priority) echo "$SLUICE_PRIO_PORT" ;; esac; }
+pid_of() { case $1 in direct) echo "" ;; pgbouncer) echo "$PGB_PID" ;; sluice) echo "$SLUICE_PLAIN_PID" ;; sluice-priority) echo "$SLUICE_PRIO_PID" ;; esac; }
 
 echo "workload,target,round,clients,tps,latency_ms,pooler_cpu_us_per_tx,transactions,errors,exit_code,note" >"$CSV"
 

@@ -148,6 +148,8 @@ pub struct Relay {
     pub upstream: BytesMut,
     /// Retries done in this transaction.
     pub retries: u32,
+    /// A statement refused by policy inside this batch: the server raises it at the Sync.
+    raise_at_sync: Option<ErrorFields>,
 }
 
 impl Relay {
@@ -233,6 +235,28 @@ impl Relay {
                 self.skip_until_sync = false;
                 self.unsynced = false;
                 self.last_bind = None;
+                if let Some(err) = self.raise_at_sync.take() {
+                    // Let the server raise the refusal, so its transaction fails as it would
+                    // have had the statement failed there.
+                    let sql = raise_sql(&err);
+                    frontend::encode_parse(to_server, b"", sql.as_bytes(), &[]);
+                    frontend::encode_bind_renamed(to_server, b"", b"", &[0, 0, 0, 0, 0, 0]);
+                    FrontendMessage::Execute {
+                        portal: Bytes::new(),
+                        max_rows: 0,
+                    }
+                    .encode(to_server);
+                    self.queue.push_back(Entry::Parse {
+                        swallow: true,
+                        server_stmt: None,
+                        undo: None,
+                    });
+                    self.queue.push_back(Entry::Bind {
+                        stmt: None,
+                        at: usize::MAX,
+                    });
+                    self.queue.push_back(Entry::Execute { stmt: None });
+                }
                 to_server.extend_from_slice(&raw);
                 self.queue.push_back(Entry::Sync);
                 self.sent_batch = std::mem::take(&mut self.batch);
@@ -347,6 +371,25 @@ impl Relay {
                 evicted: None,
             }),
             _ => None,
+        }
+    }
+
+    /// Refuses a statement (Query or Parse) inside a transaction on a policy's word. The server
+    /// itself raises the error (a `DO` block), so the transaction fails exactly as PostgreSQL
+    /// would fail it; for a Parse, the rest of the batch is skipped up to its Sync.
+    pub fn reject_statement(&mut self, tag: u8, err: ErrorFields, to_server: &mut BytesMut) {
+        self.started = true;
+        if tag == b'Q' {
+            frontend::encode_query(to_server, &raise_sql(&err));
+            self.queue.push_back(Entry::Query {
+                swallow: false,
+                set: None,
+                failed: false,
+            });
+        } else {
+            self.unsynced = true;
+            self.skip_until_sync = true;
+            self.raise_at_sync = Some(err);
         }
     }
 
@@ -627,7 +670,13 @@ impl Relay {
                     self.queue.pop_front();
                 }
             }
-            b'2' => self.pop_if(|e| matches!(e, Entry::Bind { .. })),
+            b'2' => {
+                if let Some(Entry::Bind { at, .. }) = self.queue.front() {
+                    // usize::MAX marks a Bind Sluice injected itself.
+                    forward = *at != usize::MAX;
+                    self.queue.pop_front();
+                }
+            }
             b'3' => {
                 if let Some(Entry::Close { swallow, .. }) = self.queue.front() {
                     forward = !*swallow;
@@ -871,6 +920,15 @@ fn undo(e: Entry, client: &mut ClientSide<'_>, server: &mut ServerConn) {
             }
         }
     }
+}
+
+/// A statement that makes the server raise `err` with its SQLSTATE and message.
+fn raise_sql(err: &ErrorFields) -> String {
+    format!(
+        "DO $sluice$ BEGIN RAISE EXCEPTION USING ERRCODE = '{}', MESSAGE = {}; END $sluice$",
+        err.code.as_str(),
+        crate::params::quote_literal(&err.message)
+    )
 }
 
 /// A cheap filter before lexing: only DEALLOCATE, DISCARD, SET and RESET (or a leading comment)

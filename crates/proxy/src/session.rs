@@ -443,7 +443,7 @@ impl Session {
         if known && unchecked.is_empty() {
             return Ok(());
         }
-        let mut guard = self.checkout(io).await?;
+        let mut guard = self.checkout(io, true).await?;
         if !known {
             let mut welcome: Vec<(String, String)> = guard
                 .params
@@ -504,7 +504,11 @@ impl Session {
 
     /// Waits for a server connection: the scheduler decides when. Sends a NOTICE after
     /// `query_wait_notify`, gives up on a cancel request or a client that goes away.
-    async fn checkout(&mut self, io: &mut ClientIo) -> Result<ServerGuard, ErrorFields> {
+    async fn checkout(
+        &mut self,
+        io: &mut ClientIo,
+        login: bool,
+    ) -> Result<ServerGuard, ErrorFields> {
         let cfg = self.shared.config();
         if let Some((key, rate)) = &self.rate {
             // Token bucket: wait for a token, but never longer than the wait budget.
@@ -541,7 +545,12 @@ impl Session {
         self.info.set_state(ClientState::Waiting);
         let fut = self.pool.pool.checkout(self.ticket.clone());
         tokio::pin!(fut);
-        let mut notify = cfg.sluice.query_wait_notify;
+        // No NOTICE before AuthenticationOk: drivers would take it for a broken login.
+        let mut notify = if login {
+            None
+        } else {
+            cfg.sluice.query_wait_notify
+        };
         let started = Instant::now();
         let result = loop {
             let notice = async {
@@ -803,7 +812,7 @@ impl Session {
             }
         }
         let saved = std::mem::replace(&mut self.ticket, ticket);
-        let checkout = self.checkout(io).await;
+        let checkout = self.checkout(io, false).await;
         self.ticket = saved;
         let mut guard = match checkout {
             Ok(g) => g,
@@ -911,6 +920,7 @@ impl Session {
         }
         let _ = timeout_ms;
         let kill = self.info.kill.clone();
+        let mut statements = 0u32;
         loop {
             // Forward every whole client message.
             loop {
@@ -940,6 +950,16 @@ impl Session {
                 }
                 let raw = io.rbuf.split_to(header.total_len()).freeze();
                 let status = server.status;
+                if matches!(header.tag, b'Q' | b'P') {
+                    statements += 1;
+                    // The first statement was judged before checkout; later ones here.
+                    if statements > 1 && self.shared.policy.wants(Hook::Query) {
+                        if let Some(r) = self.judge_statement(&raw, header.tag, status) {
+                            relay.reject_statement(header.tag, r, &mut to_server);
+                            continue;
+                        }
+                    }
+                }
                 let mut side = ClientSide {
                     statements: &mut self.statements,
                     params: &mut self.params,
@@ -1030,6 +1050,56 @@ impl Session {
                 }
                 _ = kill.cancelled() => return Err(End::Terminated),
                 _ = self.shared.hard_stop.cancelled() => return Err(End::Terminated),
+            }
+        }
+    }
+
+    /// Runs `on-query` for a statement inside a running transaction; `Some` to refuse it.
+    fn judge_statement(
+        &self,
+        raw: &[u8],
+        tag: u8,
+        status: TransactionStatus,
+    ) -> Option<ErrorFields> {
+        let cap = self.shared.config().policy.max_query_len as usize;
+        let body = raw.get(5..).unwrap_or_default();
+        let text = match tag {
+            b'P' => {
+                let name_end = body
+                    .iter()
+                    .position(|b| *b == 0)
+                    .map_or(body.len(), |p| p + 1);
+                &body[name_end.min(body.len())..]
+            }
+            _ => body,
+        };
+        let end = text
+            .iter()
+            .position(|b| *b == 0)
+            .unwrap_or(text.len())
+            .min(cap);
+        let query = String::from_utf8_lossy(&text[..end]);
+        let stats = self.pool.pool.stats();
+        let facts = TransactionFacts {
+            cookies: &self.cookies,
+            class: &self.class_name,
+            kind: sluice_policy::statement_kind(&query),
+            in_transaction: status != TransactionStatus::Idle,
+            query: &query,
+            pool: sluice_policy::PoolSnapshot {
+                size: stats.size,
+                active: stats.active,
+                idle: stats.idle,
+                waiting: stats.waiting,
+            },
+        };
+        match self.shared.policy.on_query(&facts) {
+            TransactionDecision::Proceed(_) => None,
+            TransactionDecision::Reject(r) => {
+                self.shared.stats.rejected.fetch_add(1, Ordering::Relaxed);
+                let code = SqlState::parse(r.sqlstate.as_str())
+                    .unwrap_or(SqlState::INSUFFICIENT_PRIVILEGE);
+                Some(ErrorFields::error(code, r.message))
             }
         }
     }

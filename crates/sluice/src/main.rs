@@ -129,7 +129,7 @@ async fn serve(cfg: Config, policy: Arc<PolicyEngine>) -> anyhow::Result<ExitCod
     let running = Proxy::start(cfg, policy.clone())
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let _watcher = watch.map(|(p, c)| policy.spawn_watcher(p, c));
+    let mut watcher = watch.map(|(p, c)| policy.spawn_watcher(p, c));
     let mut hup = signal(SignalKind::hangup())?;
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -138,8 +138,18 @@ async fn serve(cfg: Config, policy: Arc<PolicyEngine>) -> anyhow::Result<ExitCod
         tokio::select! {
             _ = hup.recv() => {
                 info!("SIGHUP: reloading configuration");
-                if let Err(e) = sluice_proxy::reload_from_disk(&shared).await {
-                    warn!(error = %e, "reload failed");
+                match sluice_proxy::reload_from_disk(&shared).await {
+                    Ok(()) => {
+                        // Watch the plugin files of the new config, not the old one.
+                        let cfg = shared.config();
+                        if let Some(w) = watcher.take() {
+                            w.stop();
+                        }
+                        if cfg.policy.watch {
+                            watcher = Some(policy.spawn_watcher(cfg.policy.clone(), class_names(&cfg)));
+                        }
+                    }
+                    Err(e) => warn!(error = %e, "reload failed"),
                 }
             }
             _ = term.recv() => {
