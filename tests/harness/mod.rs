@@ -8,6 +8,7 @@
 
 pub mod drivers;
 pub mod net;
+pub mod ops;
 pub mod postgres;
 mod process;
 pub mod raw;

@@ -410,6 +410,15 @@ impl SluiceHandle {
             .map_err(|e| anyhow!("reload: {e}"))
     }
 
+    /// Takes the running proxy out of the handle, for tests that start a shutdown, keep using
+    /// clients while it drains, and then await [`Running::wait`] themselves.
+    pub fn into_running(mut self) -> Running {
+        match self.running.take() {
+            Some(r) => r,
+            None => panic!("Sluice has been shut down"),
+        }
+    }
+
     /// Graceful shutdown (as SIGTERM): stop accepting, drain, and wait for every task, bounded.
     pub async fn shutdown(self) {
         self.shutdown_with(ShutdownMode::Graceful).await;

@@ -14,6 +14,8 @@ use parking_lot::Mutex;
 pub trait Hungry: Send + Sync {
     /// A slot may be free now: try again.
     fn wake(&self);
+    /// Closes one idle connection, if there is one, to free a shared slot. Returns whether it did.
+    fn shed_idle(&self) -> bool;
 }
 
 /// A cap on connections shared by several pools. `max == 0` means unlimited.
@@ -22,6 +24,7 @@ pub struct SharedLimit {
     max: AtomicU32,
     used: AtomicU32,
     hungry: Mutex<Vec<Weak<dyn Hungry>>>,
+    members: Mutex<Vec<Weak<dyn Hungry>>>,
 }
 
 impl std::fmt::Debug for SharedLimit {
@@ -42,6 +45,7 @@ impl SharedLimit {
             max: AtomicU32::new(max),
             used: AtomicU32::new(0),
             hungry: Mutex::new(Vec::new()),
+            members: Mutex::new(Vec::new()),
         })
     }
 
@@ -74,6 +78,30 @@ impl SharedLimit {
                     })
                 }
                 Err(now) => cur = now,
+            }
+        }
+    }
+
+    /// Registers a pool that counts its connections here.
+    pub fn register_member(&self, who: Weak<dyn Hungry>) {
+        let mut list = self.members.lock();
+        list.retain(|w| w.strong_count() > 0);
+        list.push(who);
+    }
+
+    /// Asks the pools counted here, other than `except`, to close one idle connection so a
+    /// hungry pool can open its own (PgBouncer does the same for `max_db_connections`). Must
+    /// be called with no pool lock held.
+    pub fn evict_for(&self, except: &Weak<dyn Hungry>) {
+        let members: Vec<_> = self.members.lock().clone();
+        for m in members {
+            if m.ptr_eq(except) {
+                continue;
+            }
+            if let Some(p) = m.upgrade() {
+                if p.shed_idle() {
+                    return;
+                }
             }
         }
     }

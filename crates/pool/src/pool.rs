@@ -189,6 +189,10 @@ impl<K: Connector> Pool<K> {
             runtime: tokio::runtime::Handle::current(),
             me: me.clone(),
         });
+        for limit in &inner.limits {
+            let me: Arc<dyn Hungry> = inner.clone();
+            limit.register_member(Arc::downgrade(&me));
+        }
         Pool { inner }
     }
 
@@ -556,7 +560,11 @@ impl<K: Connector> Inner<K> {
                 None => {
                     if let Some(me) = self.me.upgrade() {
                         let hungry: Arc<dyn Hungry> = me;
-                        limit.register_hungry(Arc::downgrade(&hungry));
+                        let weak = Arc::downgrade(&hungry);
+                        limit.register_hungry(weak.clone());
+                        // Ask the other pools for an idle connection, outside our lock.
+                        let limit = limit.clone();
+                        self.runtime.spawn(async move { limit.evict_for(&weak) });
                     }
                     return None;
                 }
@@ -700,6 +708,19 @@ impl<K: Connector> Inner<K> {
 }
 
 impl<K: Connector> Hungry for Inner<K> {
+    fn shed_idle(&self) -> bool {
+        let slot = {
+            let mut st = self.state.lock();
+            if st.idle.is_empty() {
+                return false;
+            }
+            // The oldest idle connection goes.
+            st.idle.remove(0).slot
+        };
+        self.close_all(vec![slot]);
+        true
+    }
+
     fn wake(&self) {
         let mut closing = Vec::new();
         {

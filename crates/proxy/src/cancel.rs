@@ -140,7 +140,8 @@ impl CancelMap {
             })
         };
         let Some(a) = attached else {
-            target.while_waiting.notify_one();
+            // Wakes a client waiting for a server connection now; stores nothing for later.
+            target.while_waiting.notify_waiters();
             return false;
         };
         let _ = tokio::time::timeout(timeout, forward(&a)).await;
@@ -150,7 +151,8 @@ impl CancelMap {
     }
 }
 
-async fn forward(a: &Attached) -> std::io::Result<()> {
+/// Sends a CancelRequest for `a`'s backend and waits until PostgreSQL has handled it.
+pub async fn forward(a: &Attached) -> std::io::Result<()> {
     let mut s = a.addr.connect().await?;
     let mut buf = BytesMut::with_capacity(16);
     sluice_wire::frontend::encode_cancel_request(&mut buf, a.pid, &a.secret);

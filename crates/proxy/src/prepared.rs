@@ -101,16 +101,21 @@ pub struct ClientStatements {
 }
 
 impl ClientStatements {
-    /// Looks a name up; a stale statement is replaced by a fresh one of the same content.
-    pub fn resolve(&mut self, name: &[u8], registry: &Registry) -> Option<Arc<Statement>> {
-        let stmt = self.names.get(name)?;
-        if stmt.is_stale() {
-            let fresh = registry.get(&stmt.query, &stmt.param_types);
-            let key = Bytes::copy_from_slice(name);
-            self.names.insert(key, fresh.clone());
-            return Some(fresh);
+    /// Looks a name up. The statement may be stale: the caller reports that as PostgreSQL does.
+    pub fn resolve(&self, name: &[u8]) -> Option<Arc<Statement>> {
+        self.names.get(name).cloned()
+    }
+
+    /// Points every name bound to `stale` at a fresh statement of the same content (the client
+    /// is about to learn the new result shape).
+    pub fn refresh(&mut self, stale: &Statement, registry: &Registry) {
+        let mut fresh = None;
+        for s in self.names.values_mut() {
+            if s.id == stale.id {
+                let f = fresh.get_or_insert_with(|| registry.get(&stale.query, &stale.param_types));
+                *s = f.clone();
+            }
         }
-        Some(stmt.clone())
     }
 
     /// Whether the client has this name.
@@ -230,10 +235,19 @@ mod tests {
         let s = r.get(&Bytes::from_static(b"select * from t"), &[]);
         client.insert(Bytes::from_static(b"s1"), s.clone());
         r.invalidate(&s);
-        let fresh = client.resolve(b"s1", &r).unwrap();
+        assert!(
+            client.resolve(b"s1").unwrap().is_stale(),
+            "the client keeps its stale view"
+        );
+        client.refresh(&s, &r);
+        let fresh = client.resolve(b"s1").unwrap();
         assert_ne!(fresh.id, s.id);
         assert_ne!(fresh.server_name, s.server_name);
-        assert_eq!(client.resolve(b"s1", &r).unwrap().id, fresh.id);
+        assert_eq!(
+            r.get(&s.query, &[]).id,
+            fresh.id,
+            "new clients share the fresh one"
+        );
     }
 
     #[test]

@@ -66,6 +66,8 @@ enum Entry {
     },
     Describe {
         stmt: Option<Arc<Statement>>,
+        /// Index of a statement Describe in its batch, for a retry (`usize::MAX` otherwise).
+        at: usize,
     },
     Execute {
         stmt: Option<Arc<Statement>>,
@@ -150,6 +152,12 @@ pub struct Relay {
     pub retries: u32,
     /// A statement refused by policy inside this batch: the server raises it at the Sync.
     raise_at_sync: Option<ErrorFields>,
+    /// The head Describe already sent its ParameterDescription to the client.
+    described: bool,
+    /// Swallow the next ParameterDescription: the client has it from the failed attempt.
+    skip_param_description: bool,
+    /// The statement this batch found stale (remapped for the client on retry).
+    invalidated: Option<Arc<Statement>>,
 }
 
 impl Relay {
@@ -161,6 +169,16 @@ impl Relay {
             && !self.copy_in
             && self.streaming == 0
             && server.status == TransactionStatus::Idle
+    }
+
+    /// Whether nothing is in flight: no answer expected, no batch or COPY open. The server may
+    /// still be inside a transaction block.
+    pub fn quiescent(&self) -> bool {
+        self.queue.is_empty()
+            && !self.unsynced
+            && !self.skip_until_sync
+            && !self.copy_in
+            && self.streaming == 0
     }
 
     /// Whether answers are still expected from the server.
@@ -364,7 +382,10 @@ impl Relay {
                 } else {
                     None
                 };
-                Some(Entry::Describe { stmt })
+                Some(Entry::Describe {
+                    stmt,
+                    at: usize::MAX,
+                })
             }
             b'C' if body.first() == Some(&b'P') => Some(Entry::Close {
                 swallow: false,
@@ -532,10 +553,14 @@ impl Relay {
                     self.queue.push_back(Entry::Bind { stmt: None, at });
                     return;
                 }
-                let Some(stmt) = client.statements.resolve(&statement, client.registry) else {
+                let Some(stmt) = client.statements.resolve(&statement) else {
                     self.unknown_statement(&statement, to_client);
                     return;
                 };
+                if stmt.is_stale() {
+                    self.stale_statement(to_client);
+                    return;
+                }
                 self.ensure_prepared(&stmt, server, to_server);
                 frontend::encode_bind_renamed(to_server, &portal, &stmt.server_name, &rest);
                 self.last_bind = Some(stmt.clone());
@@ -547,13 +572,21 @@ impl Relay {
             }
             FrontendMessage::Describe { kind, name } => {
                 if kind == b'S' && !name.is_empty() {
-                    let Some(stmt) = client.statements.resolve(&name, client.registry) else {
+                    let Some(stmt) = client.statements.resolve(&name) else {
                         self.unknown_statement(&name, to_client);
                         return;
                     };
+                    if stmt.is_stale() {
+                        self.stale_statement(to_client);
+                        return;
+                    }
                     self.ensure_prepared(&stmt, server, to_server);
                     frontend::encode_describe(to_server, b'S', &stmt.server_name);
-                    self.queue.push_back(Entry::Describe { stmt: Some(stmt) });
+                    let at = self.batch.len().saturating_sub(1);
+                    self.queue.push_back(Entry::Describe {
+                        stmt: Some(stmt),
+                        at,
+                    });
                 } else {
                     frontend::encode_describe(to_server, kind, &name);
                     self.queue.push_back(Entry::Describe {
@@ -562,6 +595,7 @@ impl Relay {
                         } else {
                             None
                         },
+                        at: usize::MAX,
                     });
                 }
             }
@@ -584,6 +618,17 @@ impl Relay {
             }
             other => other.encode(to_server),
         }
+    }
+
+    /// The client's statement was prepared before DDL changed its result: PostgreSQL's error,
+    /// until the client prepares it again.
+    fn stale_statement(&mut self, to_client: &mut BytesMut) {
+        let err = ErrorFields::error(
+            SqlState::FEATURE_NOT_SUPPORTED,
+            "cached plan must not change result type",
+        )
+        .with_hint("prepare the statement again");
+        self.fail_batch(err, to_client);
     }
 
     fn unknown_statement(&mut self, name: &[u8], to_client: &mut BytesMut) {
@@ -683,7 +728,17 @@ impl Relay {
                     self.queue.pop_front();
                 }
             }
-            b'T' | b'n' => self.pop_if(|e| matches!(e, Entry::Describe { .. })),
+            b't' => {
+                if self.skip_param_description {
+                    self.skip_param_description = false;
+                    forward = false;
+                }
+                self.described = true;
+            }
+            b'T' | b'n' => {
+                self.described = false;
+                self.pop_if(|e| matches!(e, Entry::Describe { .. }));
+            }
             b'C' | b'I' | b's' => {
                 if tag == b'C' {
                     self.copy_in = false;
@@ -697,6 +752,19 @@ impl Relay {
             b'E' => {
                 ev.error = true;
                 self.copy_in = false;
+                if let Ok(f) = backend::decode_error_fields(body) {
+                    if matches!(
+                        f.severity,
+                        sluice_wire::Severity::Fatal | sluice_wire::Severity::Panic
+                    ) {
+                        // The server is closing this connection; the client hears 08006 from
+                        // Sluice, with the server's reason, instead of a FATAL meant for Sluice.
+                        server.broken = true;
+                        server.fatal = Some(f.message);
+                        self.drain_synth(to_client);
+                        return;
+                    }
+                }
                 self.on_error(body, client, server, &mut forward);
             }
             b'Z' => {
@@ -776,6 +844,7 @@ impl Relay {
     ) {
         self.saw_error = true;
         let fields = backend::decode_error_fields(body).ok();
+        let described = std::mem::take(&mut self.described);
         if let Some(f) = &fields {
             if f.code == SqlState::FEATURE_NOT_SUPPORTED
                 && f.message
@@ -785,6 +854,8 @@ impl Relay {
                 if let Some(at) = self.retry_point() {
                     // Safe to retry: hide the error, let the server skip to Sync, then replay.
                     self.retry_from = Some(at);
+                    self.skip_param_description =
+                        described && matches!(self.queue.front(), Some(Entry::Describe { .. }));
                     self.saw_error = false;
                     *forward = false;
                     while let Some(e) = self.queue.front() {
@@ -835,9 +906,6 @@ impl Relay {
         if self.retries > 0 || self.executed || self.batch_start != Some(TransactionStatus::Idle) {
             return None;
         }
-        let Some(Entry::Bind { stmt: Some(_), at }) = self.queue.front() else {
-            return None;
-        };
         let syncs = self
             .queue
             .iter()
@@ -846,9 +914,16 @@ impl Relay {
         if syncs != 1 || !self.batch.is_empty() {
             return None;
         }
-        let rest = self.sent_batch.get(*at..)?;
-        let describes = rest.iter().any(|m| m.first() == Some(&b'D'));
-        describes.then_some(*at)
+        match self.queue.front() {
+            // Describing a statement executes nothing: always safe to replay.
+            Some(Entry::Describe { stmt: Some(_), at }) if *at != usize::MAX => Some(*at),
+            Some(Entry::Bind { stmt: Some(_), at }) if *at != usize::MAX => {
+                let rest = self.sent_batch.get(*at..)?;
+                let describes = rest.iter().any(|m| m.first() == Some(&b'D'));
+                describes.then_some(*at)
+            }
+            _ => None,
+        }
     }
 
     fn replay(
@@ -863,6 +938,10 @@ impl Relay {
             .get(from..)
             .map(<[Bytes]>::to_vec)
             .unwrap_or_default();
+        if let Some(stale) = self.invalidated.take() {
+            // The replay describes the result, so this client moves to the fresh statement.
+            client.statements.refresh(&stale, client.registry);
+        }
         let mut up = std::mem::take(&mut self.upstream);
         self.close_orphans(server, &mut up);
         for raw in msgs {
@@ -878,7 +957,7 @@ impl Relay {
     fn invalidate_head(&mut self, client: &mut ClientSide<'_>, server: &mut ServerConn) {
         let stmt = self.queue.iter().find_map(|e| match e {
             Entry::Bind { stmt: Some(s), .. }
-            | Entry::Describe { stmt: Some(s) }
+            | Entry::Describe { stmt: Some(s), .. }
             | Entry::Execute { stmt: Some(s) } => Some(s.clone()),
             _ => None,
         });
@@ -886,6 +965,7 @@ impl Relay {
             client.registry.invalidate(&s);
             server.statements.remove(s.id);
             server.statements.orphans.push(s.server_name.clone());
+            self.invalidated = Some(s);
         }
     }
 }

@@ -43,6 +43,8 @@ fn server(cap: usize) -> ServerConn {
         created: Instant::now(),
         cancel_target: None,
         params_for: None,
+        quiet: true,
+        fatal: None,
         dbname: "db".into(),
         user: "u".into(),
     }
@@ -437,7 +439,7 @@ fn a_stale_cached_plan_is_reprepared_and_retried_when_the_client_describes() {
     );
     // Close the stale statement, prepare a fresh one, replay Bind/Describe/Execute/Sync.
     assert_eq!(tags(&r.upstream), "CSPBDES");
-    let fresh = c.statements.resolve(b"s1", &reg).unwrap();
+    let fresh = c.statements.resolve(b"s1").unwrap();
     assert_ne!(fresh.id, stmt.id);
     let mut out = BytesMut::new();
     backend::encode_close_complete(&mut out);
@@ -479,7 +481,83 @@ fn a_stale_cached_plan_without_describe_is_reported_and_invalidated() {
     );
     out.extend_from_slice(&z(TransactionStatus::Idle));
     assert_eq!(tags(&answer(&mut r, &mut c, &reg, &mut s, out)), "EZ");
-    // The next attempt uses a fresh server-side statement.
-    assert_ne!(c.statements.resolve(b"s1", &reg).unwrap().id, stmt.id);
     assert_eq!(s.statements.orphans.len(), 1);
+    // Binding the old name again fails as in PostgreSQL; preparing the text again works, on a
+    // fresh server-side statement.
+    let mut r = Relay::default();
+    let (_, down) = send(
+        &mut r,
+        &mut c,
+        &reg,
+        &mut s,
+        &[bind("s1"), exec(), FrontendMessage::Sync],
+    );
+    assert!(String::from_utf8_lossy(&down).contains("0A000"));
+    let mut r = Relay::default();
+    let (up, _) = send(
+        &mut r,
+        &mut c,
+        &reg,
+        &mut s,
+        &[parse("s2", "select * from t"), FrontendMessage::Sync],
+    );
+    assert_eq!(tags(&up), "PS", "a fresh server-side statement is prepared");
+    assert_eq!(
+        s.statements.orphans.len(),
+        1,
+        "the stale one closes at the next transaction"
+    );
+}
+
+#[test]
+fn a_stale_statement_describe_is_retried_for_a_new_client() {
+    let reg = Registry::default();
+    let stmt = reg.get(&Bytes::from_static(b"select * from t"), &[]);
+    let mut s = server(10);
+    s.statements.insert(stmt.id, stmt.server_name.clone());
+    let mut c = client();
+    let mut r = Relay::default();
+    let describe = FrontendMessage::Describe {
+        kind: b'S',
+        name: Bytes::from_static(b"s0"),
+    };
+    let (up, down) = send(
+        &mut r,
+        &mut c,
+        &reg,
+        &mut s,
+        &[
+            parse("s0", "select * from t"),
+            describe,
+            FrontendMessage::Sync,
+        ],
+    );
+    assert_eq!((tags(&up).as_str(), tags(&down).as_str()), ("DS", "1"));
+    // PostgreSQL sends ParameterDescription before it finds the plan stale.
+    let mut out = BytesMut::new();
+    out.extend_from_slice(&[b't', 0, 0, 0, 6, 0, 0]);
+    backend::encode_error(
+        &mut out,
+        &ErrorFields::error(
+            SqlState::FEATURE_NOT_SUPPORTED,
+            "cached plan must not change result type",
+        ),
+    );
+    out.extend_from_slice(&z(TransactionStatus::Idle));
+    assert_eq!(tags(&answer(&mut r, &mut c, &reg, &mut s, out)), "t");
+    assert_eq!(tags(&r.upstream), "CSPDS");
+    r.upstream.clear();
+    let mut out = BytesMut::new();
+    backend::encode_close_complete(&mut out);
+    out.extend_from_slice(&z(TransactionStatus::Idle));
+    backend::encode_parse_complete(&mut out);
+    out.extend_from_slice(&[b't', 0, 0, 0, 6, 0, 0]);
+    backend::encode_row_description(&mut out, &["a", "b", "c"]);
+    out.extend_from_slice(&z(TransactionStatus::Idle));
+    assert_eq!(
+        tags(&answer(&mut r, &mut c, &reg, &mut s, out)),
+        "TZ",
+        "no second ParameterDescription"
+    );
+    assert!(r.done(&s));
 }

@@ -198,6 +198,10 @@ pub struct ServerConn {
     pub cancel_target: Option<Arc<crate::cancel::Attached>>,
     /// The client (id, parameter epoch) whose parameters this session has now.
     pub params_for: Option<(u64, u64)>,
+    /// Nothing in flight on this connection (kept current by the session while relaying).
+    pub quiet: bool,
+    /// The FATAL message the server sent before closing, if any.
+    pub fatal: Option<String>,
     /// Database and user, for SHOW SERVERS.
     pub dbname: String,
     /// Role name.
@@ -504,6 +508,8 @@ async fn login(spec: &ServerSpec) -> Result<ServerConn, ServerError> {
         created: Instant::now(),
         cancel_target: None,
         params_for: None,
+        quiet: true,
+        fatal: None,
         dbname: spec.dbname.clone(),
         user: spec.user.clone(),
     })

@@ -879,7 +879,17 @@ impl Session {
     /// is in a clean state to do so; otherwise close it. Never reuse it dirty.
     fn abandon(&self, mut guard: ServerGuard) {
         self.shared.stats.abandoned.fetch_add(1, Ordering::Relaxed);
-        let clean_point = guard.rbuf.is_empty() && !guard.broken;
+        if !guard.quiet && !guard.broken {
+            // A query is still running for nobody: cancel it and close the connection, so
+            // its answers can never reach another client.
+            guard.broken = true;
+            let target = guard.cancel_target();
+            let timeout = self.shared.config().sluice.cancel_wait_timeout;
+            self.shared.tracker.spawn(async move {
+                let _ = tokio::time::timeout(timeout, crate::cancel::forward(&target)).await;
+            });
+        }
+        let clean_point = guard.rbuf.is_empty() && !guard.broken && guard.quiet;
         if !clean_point || guard.status == TransactionStatus::Idle {
             if guard.status != TransactionStatus::Idle || !clean_point {
                 guard.broken = true;
@@ -960,6 +970,7 @@ impl Session {
                         }
                     }
                 }
+                server.quiet = false;
                 let mut side = ClientSide {
                     statements: &mut self.statements,
                     params: &mut self.params,
@@ -1003,7 +1014,10 @@ impl Session {
                     match r {
                         Ok(0) | Err(_) => {
                             server.broken = true;
-                            let f = ErrorFields::fatal(SqlState::CONNECTION_FAILURE, "server connection lost: the server closed the connection unexpectedly");
+                            let mut f = ErrorFields::fatal(SqlState::CONNECTION_FAILURE, "server connection lost: the server closed the connection unexpectedly");
+                            if let Some(reason) = server.fatal.take() {
+                                f = f.with_detail(format!("The server said: {reason}"));
+                            }
                             let _ = (cr, cw);
                             io.send_error(&f).await;
                             return Err(End::Server(f.message));
@@ -1011,6 +1025,7 @@ impl Session {
                         Ok(_) => {
                             let mut side = ClientSide { statements: &mut self.statements, params: &mut self.params, registry: &self.shared.registry };
                             let out = relay.server_output(&mut side, server, &mut io.wbuf, max);
+                            server.quiet = relay.quiescent();
                             if !relay.upstream.is_empty() {
                                 to_server.extend_from_slice(&relay.upstream);
                                 relay.upstream.clear();

@@ -1,0 +1,365 @@
+//! The policy engine through the proxy: real plugins decide class, admission, DDL and limits,
+//! and misbehaving plugins never take the pooler down (fail open) or fail safe (fail closed).
+
+use std::time::{Duration, Instant};
+
+use sluice_tests::harness::ops::{
+    connect_app, db_error_text, plugin_toml, sqlstate, ActivitySampler, AdminConsole,
+};
+use sluice_tests::harness::{ConfigBuilder, PgCluster, SluiceHandle};
+
+/// Bound on any single wait in these tests.
+const WAIT: Duration = Duration::from_secs(20);
+
+/// Test defaults plus an admin user (`app`) for the console.
+fn base(pg: &PgCluster) -> ConfigBuilder {
+    ConfigBuilder::new(pg).set("admin_users", r#"["app"]"#)
+}
+
+/// A `[policy]` table for tests that are not about the deadline. The epoch deadline counts wall
+/// time, so on a loaded 2-CPU machine a well-behaved 1 ms call can be preempted past it.
+pub(crate) const RELAXED_POLICY: &str = "[policy]\ndeadline = \"250ms\"\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn priority_plugin_assigns_classes_by_application_name() {
+    let pg = PgCluster::shared();
+    let b = base(pg)
+        .append(RELAXED_POLICY)
+        .append("[classes.web]\npriority = 100\n[classes.batch]\npriority = -10\n")
+        .append(&plugin_toml(
+            "priority",
+            "priority",
+            "closed",
+            &[
+                r#"match = "application""#,
+                r#"web = "pol-web*""#,
+                r#"batch = ["pol-scraper*", "pol-cron"]"#,
+                r#"default = "default""#,
+            ],
+        ));
+    let sluice = SluiceHandle::start(b).await;
+    let expect = [
+        ("pol-web-1", "web"),
+        ("pol-scraper-7", "batch"),
+        ("pol-cron", "batch"),
+        ("pol-other", "default"),
+    ];
+    let mut clients = Vec::new();
+    for (app, _) in expect {
+        let c = connect_app(&sluice, "app", "appdb", app)
+            .await
+            .unwrap_or_else(|e| panic!("connect as {app}: {}", db_error_text(&e)));
+        // A transaction goes through with the assigned class.
+        c.simple_query("select 1").await.expect("select 1");
+        clients.push(c);
+    }
+    let admin = AdminConsole::connect(&sluice, "app").await.expect("admin");
+    for (app, class) in expect {
+        let rows = admin.clients_of_app(app).await.expect("SHOW CLIENTS");
+        assert_eq!(rows.len(), 1, "SHOW CLIENTS rows for {app}: {rows:?}");
+        assert_eq!(rows[0]["class"], class, "class of {app}: {:?}", rows[0]);
+    }
+    let policies = admin.policy_row("priority").await.expect("SHOW POLICIES");
+    let calls: u64 = policies["calls"].parse().expect("calls");
+    assert!(calls >= 4, "priority plugin calls: {policies:?}");
+    drop(clients);
+    drop(admin);
+    sluice.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deny_ddl_refuses_ddl_and_truncate_for_the_configured_role() {
+    let pg = PgCluster::shared();
+    // A table md5user owns, so that PostgreSQL itself would allow TRUNCATE: only the policy
+    // can be the one refusing it.
+    let direct = pg
+        .connect_direct("postgres", "appdb")
+        .await
+        .expect("direct");
+    direct
+        .batch_execute(
+            "create table pol_ddl_owned (id int); insert into pol_ddl_owned values (1); \
+             alter table pol_ddl_owned owner to md5user;",
+        )
+        .await
+        .expect("create pol_ddl_owned");
+    let b = base(pg).append(RELAXED_POLICY).append(&plugin_toml(
+        "deny-ddl",
+        "deny-ddl",
+        "closed",
+        &[r#"roles = "md5user""#],
+    ));
+    let sluice = SluiceHandle::start(b).await;
+    let restricted = sluice.connect("md5user", "appdb").await;
+
+    for sql in [
+        "create table pol_ddl_denied (id int)",
+        "truncate pol_ddl_owned",
+        "  TRUNCATE TABLE pol_ddl_owned",
+        "drop table pol_ddl_owned",
+    ] {
+        let e = restricted
+            .simple_query(sql)
+            .await
+            .expect_err(&format!("{sql} must be refused"));
+        assert_eq!(
+            sqlstate(&e).as_deref(),
+            Some("42501"),
+            "{sql}: {}",
+            db_error_text(&e)
+        );
+        assert!(
+            db_error_text(&e).contains("deny-ddl"),
+            "{sql}: refused by something else: {}",
+            db_error_text(&e)
+        );
+    }
+    // Reads still work, on the same connection.
+    let rows = restricted
+        .query_one("select count(*) from pol_ddl_owned", &[])
+        .await
+        .expect("select after refusals");
+    assert_eq!(
+        rows.get::<_, i64>(0),
+        1,
+        "the refused TRUNCATE must not have run"
+    );
+    let n: i64 = restricted
+        .query_one("select count(*) from sluice_fixture", &[])
+        .await
+        .expect("select fixture")
+        .get(0);
+    assert_eq!(n, 1000);
+    // Nothing was created.
+    let exists: bool = direct
+        .query_one(
+            "select to_regclass('public.pol_ddl_denied') is not null",
+            &[],
+        )
+        .await
+        .expect("to_regclass")
+        .get(0);
+    assert!(!exists, "pol_ddl_denied was created despite the policy");
+
+    // A role not listed may run DDL.
+    let free = sluice.connect("app", "appdb").await;
+    free.batch_execute("create table pol_ddl_allowed (id int); drop table pol_ddl_allowed")
+        .await
+        .expect("DDL by app is allowed");
+
+    drop((restricted, free));
+    sluice.shutdown().await;
+    direct
+        .batch_execute("drop table pol_ddl_owned")
+        .await
+        .expect("cleanup");
+}
+
+/// The WIT contract and the deny-ddl README: on-query sees every statement, including those
+/// inside a transaction block, so DDL after BEGIN is refused too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deny_ddl_refuses_ddl_inside_a_transaction_block() {
+    let pg = PgCluster::shared();
+    let b = base(pg).append(RELAXED_POLICY).append(&plugin_toml(
+        "deny-ddl",
+        "deny-ddl",
+        "closed",
+        &[r#"roles = "md5user""#],
+    ));
+    let sluice = SluiceHandle::start(b).await;
+    let c = sluice.connect("md5user", "appdb").await;
+    c.batch_execute("begin").await.expect("begin");
+    c.simple_query("select 1").await.expect("select in block");
+    let res = c
+        .simple_query("create table pol_ddl_in_block (id int)")
+        .await;
+    let _ = c.batch_execute("rollback").await;
+    match res {
+        Ok(_) => panic!("CREATE TABLE inside a transaction block was not refused by deny-ddl"),
+        Err(e) => assert_eq!(
+            sqlstate(&e).as_deref(),
+            Some("42501"),
+            "{}",
+            db_error_text(&e)
+        ),
+    }
+    drop(c);
+    sluice.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn client_limits_caps_concurrent_transactions_per_application() {
+    let pg = PgCluster::shared();
+    const APP: &str = "pol-limited";
+    let b = base(pg)
+        .pool_size(6)
+        .append(RELAXED_POLICY)
+        .append(&plugin_toml(
+            "client-limits",
+            "client-limits",
+            "closed",
+            &[r#"key = "application""#, "max_active = 2"],
+        ));
+    let sluice = SluiceHandle::start(b).await;
+    let mut clients = Vec::new();
+    for _ in 0..6 {
+        clients.push(
+            connect_app(&sluice, "app", "appdb", APP)
+                .await
+                .unwrap_or_else(|e| panic!("connect: {}", db_error_text(&e))),
+        );
+    }
+    let sampler = ActivitySampler::start(pg, APP).await.expect("sampler");
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for c in clients {
+        tasks.push(tokio::spawn(async move {
+            c.simple_query("select pg_sleep(0.2)").await.map(|_| c)
+        }));
+    }
+    for t in tasks {
+        let r = tokio::time::timeout(WAIT, t)
+            .await
+            .expect("bounded")
+            .expect("join");
+        if let Err(e) = r {
+            panic!("a limited transaction failed: {}", db_error_text(&e));
+        }
+    }
+    let elapsed = started.elapsed();
+    let (max, samples) = sampler.finish().await.expect("sampler");
+    assert!(samples > 0, "no samples of pg_stat_activity");
+    assert_eq!(
+        max, 2,
+        "most active server backends of {APP} at once ({samples} samples); key_max_active is 2"
+    );
+    // Six 200 ms transactions two at a time take at least three rounds.
+    assert!(
+        elapsed >= Duration::from_millis(550),
+        "6 x pg_sleep(0.2) with max_active 2 finished in {elapsed:?}"
+    );
+    sluice.shutdown().await;
+}
+
+/// `[policy]` table that keeps the breaker shut, so every call reaches the bad plugins. The
+/// deadline is generous so that each plugin fails the way it is built to (membomb by memory,
+/// not by time); spin still never returns.
+const NO_BREAKER: &str = "[policy]\nbreaker_failures = 0\ndeadline = \"100ms\"\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn misbehaving_plugins_fail_open_and_are_counted() {
+    let pg = PgCluster::shared();
+    let mut b = base(pg).append(NO_BREAKER);
+    for p in ["spin", "membomb", "trap", "bad-decision"] {
+        b = b.append(&plugin_toml(p, p, "open", &[]));
+    }
+    let sluice = SluiceHandle::start(b).await;
+    let mut clients = Vec::new();
+    for i in 0..3 {
+        let c = connect_app(&sluice, "app", "appdb", &format!("pol-open-{i}"))
+            .await
+            .unwrap_or_else(|e| panic!("fail-open client {i} refused: {}", db_error_text(&e)));
+        for _ in 0..3 {
+            let row = c
+                .query_one("select 41 + 1", &[])
+                .await
+                .unwrap_or_else(|e| panic!("fail-open transaction failed: {}", db_error_text(&e)));
+            assert_eq!(row.get::<_, i32>(0), 42);
+        }
+        clients.push(c);
+    }
+    let admin = AdminConsole::connect(&sluice, "app").await.expect("admin");
+    let num = |row: &std::collections::BTreeMap<String, String>, col: &str| -> u64 {
+        row[col]
+            .parse()
+            .unwrap_or_else(|_| panic!("{col} in {row:?}"))
+    };
+    let spin = admin.policy_row("spin").await.expect("spin");
+    assert!(num(&spin, "timeouts") > 0, "spin timeouts: {spin:?}");
+    let membomb = admin.policy_row("membomb").await.expect("membomb");
+    assert!(
+        num(&membomb, "traps") > 0,
+        "membomb out-of-memory (traps): {membomb:?}"
+    );
+    let trap = admin.policy_row("trap").await.expect("trap");
+    assert!(num(&trap, "traps") > 0, "trap traps: {trap:?}");
+    let bad = admin
+        .policy_row("bad-decision")
+        .await
+        .expect("bad-decision");
+    assert!(num(&bad, "invalid") > 0, "bad-decision invalid: {bad:?}");
+    // The clients are still served after all that.
+    for c in &clients {
+        c.simple_query("select 1").await.expect("still served");
+    }
+    drop(clients);
+    drop(admin);
+    sluice.shutdown().await;
+}
+
+/// With `fail = "closed"`, a failing plugin refuses with 58000 and a message naming it: at login
+/// for on-connect plugins, per transaction (the client stays connected) for on-transaction ones.
+async fn fails_closed(plugin: &str, at_connect: bool) {
+    let pg = PgCluster::shared();
+    let b = base(pg)
+        .append(NO_BREAKER)
+        .append(&plugin_toml(plugin, plugin, "closed", &[]));
+    let sluice = SluiceHandle::start(b).await;
+    let expect_58000 = |e: &tokio_postgres::Error, what: &str| {
+        assert_eq!(
+            sqlstate(e).as_deref(),
+            Some("58000"),
+            "{what}: {}",
+            db_error_text(e)
+        );
+        assert!(
+            db_error_text(e).contains(plugin),
+            "{what}: message should name plugin {plugin}: {}",
+            db_error_text(e)
+        );
+    };
+    if at_connect {
+        for _ in 0..2 {
+            match connect_app(&sluice, "app", "appdb", "pol-closed").await {
+                Ok(_) => panic!("{plugin} (fail closed) admitted a client"),
+                Err(e) => expect_58000(&e, "login"),
+            }
+        }
+    } else {
+        let c = connect_app(&sluice, "app", "appdb", "pol-closed")
+            .await
+            .unwrap_or_else(|e| panic!("login: {}", db_error_text(&e)));
+        for _ in 0..2 {
+            let e = c
+                .simple_query("select 1")
+                .await
+                .expect_err("fail-closed transaction must be refused");
+            expect_58000(&e, "transaction");
+        }
+        assert!(
+            !c.is_closed(),
+            "a refused transaction must not close the client"
+        );
+    }
+    sluice.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trap_plugin_fails_closed_with_58000() {
+    fails_closed("trap", true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_decision_plugin_fails_closed_with_58000() {
+    fails_closed("bad-decision", true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spin_plugin_fails_closed_with_58000() {
+    fails_closed("spin", false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn membomb_plugin_fails_closed_with_58000() {
+    fails_closed("membomb", false).await;
+}
