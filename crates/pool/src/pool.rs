@@ -479,6 +479,18 @@ impl<K: Connector> Pool<K> {
         self.inner.close_all(closing);
     }
 
+    /// Size, active, idle and waiting counts: a cheap subset of [`Self::stats`] for per-
+    /// transaction policy facts.
+    pub fn load(&self) -> (u32, u32, u32, u32) {
+        let st = self.inner.state.lock();
+        (
+            st.settings.size,
+            st.sched.active(),
+            st.idle.len() as u32,
+            st.sched.waiting(),
+        )
+    }
+
     /// Maps every idle connection through `f` (for SHOW SERVERS).
     pub fn idle_map<T>(&self, f: impl Fn(&K::Conn) -> T) -> Vec<T> {
         let st = self.inner.state.lock();

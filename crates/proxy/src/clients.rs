@@ -58,7 +58,7 @@ pub struct ClientInfo {
     state: AtomicU8,
     /// The pid of the server backend serving it now, 0 if none.
     pub server_pid: AtomicU32,
-    /// Cancelled to disconnect the client.
+    /// Cancelled to disconnect the client (KILL_CLIENT); a child of the shutdown deadline.
     pub kill: CancellationToken,
 }
 
@@ -71,6 +71,7 @@ impl ClientInfo {
         addr: Option<SocketAddr>,
         pid: u32,
         class: &str,
+        kill: CancellationToken,
     ) -> Self {
         ClientInfo {
             id: NEXT_CLIENT_ID.fetch_add(1, Ordering::Relaxed),
@@ -83,7 +84,7 @@ impl ClientInfo {
             connected_at: SystemTime::now(),
             state: AtomicU8::new(0),
             server_pid: AtomicU32::new(0),
-            kill: CancellationToken::new(),
+            kill,
         }
     }
 

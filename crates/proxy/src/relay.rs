@@ -161,6 +161,31 @@ pub struct Relay {
 }
 
 impl Relay {
+    /// Clears the state for a new transaction, keeping allocated memory.
+    pub fn reset(&mut self) {
+        self.queue.clear();
+        self.batch.clear();
+        self.sent_batch.clear();
+        self.upstream.clear();
+        self.unsynced = false;
+        self.skip_until_sync = false;
+        self.last_bind = None;
+        self.streaming = 0;
+        self.streaming_swallow = false;
+        self.copy_in = false;
+        self.saw_error = false;
+        self.queries = 0;
+        self.started = false;
+        self.batch_start = None;
+        self.executed = false;
+        self.retry_from = None;
+        self.retries = 0;
+        self.raise_at_sync = None;
+        self.described = false;
+        self.skip_param_description = false;
+        self.invalidated = None;
+    }
+
     /// Whether the server connection can be released: nothing outstanding, idle, no open batch.
     pub fn done(&self, server: &ServerConn) -> bool {
         self.queue.is_empty()
@@ -277,7 +302,9 @@ impl Relay {
                 }
                 to_server.extend_from_slice(&raw);
                 self.queue.push_back(Entry::Sync);
-                self.sent_batch = std::mem::take(&mut self.batch);
+                // Keep both vectors' memory: the finished batch becomes the sent one.
+                std::mem::swap(&mut self.sent_batch, &mut self.batch);
+                self.batch.clear();
             }
             b'Q' => {
                 self.queries += 1;

@@ -316,6 +316,7 @@ async fn startup(
         peer,
         cancel.pid,
         &class_name,
+        shared.hard_stop.child_token(),
     ));
     span.record("client.id", info.id);
     let mut session = Session {
@@ -336,6 +337,8 @@ async fn startup(
         cookies: admission.cookies,
         class_name,
         _counted: counted,
+        relay: Relay::default(),
+        to_server: BytesMut::with_capacity(4096),
     };
     // Learn the server's parameters and validate the client's own on a real connection.
     if let Err(f) = session.prepare_params(io, &mut client_params).await {
@@ -376,6 +379,9 @@ pub struct Session {
     cookies: Vec<u64>,
     class_name: String,
     _counted: Counted,
+    /// Relay state and upstream buffer, kept between transactions to reuse their memory.
+    relay: Relay,
+    to_server: BytesMut,
 }
 
 type ServerGuard = Guard<ServerConnector>;
@@ -768,7 +774,7 @@ impl Session {
         if policy.wants(Hook::Transaction) || policy.wants(Hook::Query) {
             let query = self.first_statement(io);
             let kind = sluice_policy::statement_kind(&query);
-            let stats = self.pool.pool.stats();
+            let (size, active, idle, waiting) = self.pool.pool.load();
             let facts = TransactionFacts {
                 cookies: &self.cookies,
                 class: &self.class_name,
@@ -776,10 +782,10 @@ impl Session {
                 in_transaction: false,
                 query: &query,
                 pool: sluice_policy::PoolSnapshot {
-                    size: stats.size,
-                    active: stats.active,
-                    idle: stats.idle,
-                    waiting: stats.waiting,
+                    size,
+                    active,
+                    idle,
+                    waiting,
                 },
             };
             for hook in [Hook::Transaction, Hook::Query] {
@@ -851,7 +857,8 @@ impl Session {
         }
         self.shared.stats.record_tx(started.elapsed(), waited);
         match result {
-            Ok(_) => {
+            Ok(relay) => {
+                self.relay = relay;
                 self.release(guard);
                 Ok(())
             }
@@ -920,8 +927,10 @@ impl Session {
         let max = cfg.sluice.max_packet_size;
         let idle_tx = self.user_idle_tx(&cfg);
         let server: &mut ServerConn = guard;
-        let mut relay = Relay::default();
-        let mut to_server = BytesMut::with_capacity(4096);
+        let mut relay = std::mem::take(&mut self.relay);
+        relay.reset();
+        let mut to_server = std::mem::take(&mut self.to_server);
+        to_server.clear();
         relay.close_orphans(server, &mut to_server);
         if server.params_for != Some((self.info.id, self.params.epoch())) {
             if let Some(sql) = self.params.diff(&server.params, &mut server.applied) {
@@ -991,6 +1000,7 @@ impl Session {
                 if !io.wbuf.is_empty() {
                     io.flush().await.map_err(|_| End::Client)?;
                 }
+                self.to_server = to_server;
                 return Ok(relay);
             }
             let read_client = to_server.len() < HIGH_WATER;
@@ -1064,7 +1074,6 @@ impl Session {
                     return Err(End::Timeout("idle_transaction_timeout"));
                 }
                 _ = kill.cancelled() => return Err(End::Terminated),
-                _ = self.shared.hard_stop.cancelled() => return Err(End::Terminated),
             }
         }
     }
@@ -1094,7 +1103,7 @@ impl Session {
             .unwrap_or(text.len())
             .min(cap);
         let query = String::from_utf8_lossy(&text[..end]);
-        let stats = self.pool.pool.stats();
+        let (size, active, idle, waiting) = self.pool.pool.load();
         let facts = TransactionFacts {
             cookies: &self.cookies,
             class: &self.class_name,
@@ -1102,10 +1111,10 @@ impl Session {
             in_transaction: status != TransactionStatus::Idle,
             query: &query,
             pool: sluice_policy::PoolSnapshot {
-                size: stats.size,
-                active: stats.active,
-                idle: stats.idle,
-                waiting: stats.waiting,
+                size,
+                active,
+                idle,
+                waiting,
             },
         };
         match self.shared.policy.on_query(&facts) {

@@ -97,11 +97,17 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
         n => n,
     };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(workers)
-        .enable_all()
-        .build()
-        .context("starting the runtime")?;
+    // One worker runs everything on the main thread, like PgBouncer: the cheapest per
+    // transaction when PostgreSQL shares the machine. More workers scale across cores.
+    let rt = if workers == 1 {
+        tokio::runtime::Builder::new_current_thread().enable_all().build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(workers)
+            .enable_all()
+            .build()
+    }
+    .context("starting the runtime")?;
     rt.block_on(serve(cfg, policy))
 }
 
