@@ -9,6 +9,7 @@ mod core;
 mod drivers;
 mod lifecycle;
 mod limits;
+mod listen;
 mod metrics;
 mod params;
 mod policy;
