@@ -100,7 +100,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     // One worker runs everything on the main thread, like PgBouncer: the cheapest per
     // transaction when PostgreSQL shares the machine. More workers scale across cores.
     let rt = if workers == 1 {
-        tokio::runtime::Builder::new_current_thread().enable_all().build()
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
     } else {
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(workers)

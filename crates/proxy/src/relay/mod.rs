@@ -1,0 +1,488 @@
+//! The transaction relay: a state machine with no IO that carries one client's messages to its
+//! server connection and the server's answers back, while a transaction runs.
+//!
+//! It keeps a queue with one entry per request that expects an answer, in the order the server
+//! will answer. That queue is what lets Sluice:
+//! - know when the server connection is free again (queue empty, ReadyForQuery 'I', no batch
+//!   left open);
+//! - rename prepared statements, prepare them lazily on a connection that lacks them, and answer
+//!   ParseComplete/CloseComplete itself, in the right place in the stream;
+//! - swallow the answers to messages it injected itself (Parse, Close, SET);
+//! - after an error, drop the entries the server will skip until the next Sync, and undo what
+//!   they would have changed.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+
+use sluice_wire::backend::{self, TransactionStatus};
+use sluice_wire::frontend::{self, FrontendMessage, Header};
+use sluice_wire::sql::{self, SessionCommand};
+use sluice_wire::{ErrorFields, SqlState};
+
+use crate::params::{ClientParams, ParamValue, TRACKED_REPORTED};
+use crate::prepared::{ClientStatements, Registry, Statement};
+use crate::server::ServerConn;
+
+/// Messages larger than this are streamed through in pieces instead of buffered whole.
+pub const STREAM_THRESHOLD: usize = 64 * 1024;
+
+/// What Sluice answers in place of the server.
+#[derive(Debug, Clone)]
+enum Synth {
+    ParseComplete,
+    CloseComplete,
+    CommandComplete(&'static str),
+    Ready(TransactionStatus),
+    Error(Box<ErrorFields>),
+}
+
+/// Undo information for an optimistic change to the client's statement names.
+#[derive(Debug)]
+struct NameUndo {
+    name: Bytes,
+    previous: Option<Arc<Statement>>,
+}
+
+#[derive(Debug)]
+enum Entry {
+    /// A simple query or function call; its answers run until ReadyForQuery.
+    Query {
+        swallow: bool,
+        set: Option<SessionChange>,
+        failed: bool,
+    },
+    Parse {
+        swallow: bool,
+        /// Statement prepared on the server by this Parse: forgotten if it fails.
+        server_stmt: Option<u64>,
+        undo: Option<NameUndo>,
+    },
+    Bind {
+        stmt: Option<Arc<Statement>>,
+        /// Index of this Bind in its batch, for a retry.
+        at: usize,
+    },
+    Describe {
+        stmt: Option<Arc<Statement>>,
+        /// Index of a statement Describe in its batch, for a retry (`usize::MAX` otherwise).
+        at: usize,
+    },
+    Execute {
+        stmt: Option<Arc<Statement>>,
+    },
+    Close {
+        swallow: bool,
+        /// An eviction Sluice injected: if skipped, the statement is still there.
+        evicted: Option<(u64, Bytes)>,
+    },
+    Synth {
+        msg: Synth,
+        undo: Option<NameUndo>,
+    },
+    Sync,
+}
+
+/// A session-level SET/RESET seen in a simple query, applied when the query succeeds.
+#[derive(Debug, Clone)]
+pub enum SessionChange {
+    /// `SET name = value`.
+    Set(String, String),
+    /// `RESET name`.
+    Reset(String),
+    /// `RESET ALL`.
+    ResetAll,
+}
+
+/// The client-side state the relay reads and updates.
+pub struct ClientSide<'a> {
+    /// The client's prepared statement names.
+    pub statements: &'a mut ClientStatements,
+    /// The client's session parameters.
+    pub params: &'a mut ClientParams,
+    /// The shared statement registry.
+    pub registry: &'a Registry,
+}
+
+/// What happened while processing server output, for the session to act on.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ServerEvents {
+    /// A ReadyForQuery arrived.
+    pub ready: bool,
+    /// An ErrorResponse was relayed.
+    pub error: bool,
+}
+
+/// The relay state of one attached server connection.
+#[derive(Debug, Default)]
+pub struct Relay {
+    queue: VecDeque<Entry>,
+    /// Extended-protocol messages were sent since the last Sync.
+    unsynced: bool,
+    /// A Sluice-side error was reported: drop client messages until Sync, as the server would.
+    skip_until_sync: bool,
+    /// The statement of the last Bind, for the Execute that follows.
+    last_bind: Option<Arc<Statement>>,
+    /// Bytes of a large message still to stream to the client.
+    streaming: usize,
+    /// Whether those bytes are swallowed.
+    streaming_swallow: bool,
+    /// The client is sending COPY data.
+    copy_in: bool,
+    /// A statement in this transaction failed.
+    pub saw_error: bool,
+    /// Messages forwarded to the server in this transaction (for stats).
+    pub queries: u64,
+    /// A client message was handled: the transaction has begun.
+    pub started: bool,
+    /// Raw client messages of the extended-protocol batch being sent (since the last Sync).
+    batch: Vec<Bytes>,
+    /// The batch's messages once its Sync went out, kept for a retry after DDL.
+    sent_batch: Vec<Bytes>,
+    /// Server status when the current batch began.
+    batch_start: Option<TransactionStatus>,
+    /// An Execute of the current batch has already answered (a retry would repeat it).
+    executed: bool,
+    /// Replay `sent_batch[i..]` when the batch's ReadyForQuery arrives (cached-plan retry).
+    retry_from: Option<usize>,
+    /// Messages Sluice must send upstream on its own (a retry), drained by the session.
+    pub upstream: BytesMut,
+    /// Retries done in this transaction.
+    pub retries: u32,
+    /// A statement refused by policy inside this batch: the server raises it at the Sync.
+    raise_at_sync: Option<ErrorFields>,
+    /// The head Describe already sent its ParameterDescription to the client.
+    described: bool,
+    /// Swallow the next ParameterDescription: the client has it from the failed attempt.
+    skip_param_description: bool,
+    /// The statement this batch found stale (remapped for the client on retry).
+    invalidated: Option<Arc<Statement>>,
+}
+
+impl Relay {
+    /// Clears the state for a new transaction, keeping allocated memory.
+    pub fn reset(&mut self) {
+        self.queue.clear();
+        self.batch.clear();
+        self.sent_batch.clear();
+        self.upstream.clear();
+        self.unsynced = false;
+        self.skip_until_sync = false;
+        self.last_bind = None;
+        self.streaming = 0;
+        self.streaming_swallow = false;
+        self.copy_in = false;
+        self.saw_error = false;
+        self.queries = 0;
+        self.started = false;
+        self.batch_start = None;
+        self.executed = false;
+        self.retry_from = None;
+        self.retries = 0;
+        self.raise_at_sync = None;
+        self.described = false;
+        self.skip_param_description = false;
+        self.invalidated = None;
+    }
+
+    /// Whether the server connection can be released: nothing outstanding, idle, no open batch.
+    pub fn done(&self, server: &ServerConn) -> bool {
+        self.queue.is_empty()
+            && !self.unsynced
+            && !self.skip_until_sync
+            && !self.copy_in
+            && self.streaming == 0
+            && server.status == TransactionStatus::Idle
+    }
+
+    /// Whether nothing is in flight: no answer expected, no batch or COPY open. The server may
+    /// still be inside a transaction block.
+    pub fn quiescent(&self) -> bool {
+        self.queue.is_empty()
+            && !self.unsynced
+            && !self.skip_until_sync
+            && !self.copy_in
+            && self.streaming == 0
+    }
+
+    /// Whether answers are still expected from the server.
+    pub fn waiting_for_server(&self) -> bool {
+        !self.queue.is_empty() || self.streaming > 0
+    }
+
+    /// Queues Sluice's own SET/RESET query, whose answers the client never sees.
+    pub fn inject_query(&mut self, sql: &str, to_server: &mut BytesMut) {
+        frontend::encode_query(to_server, sql);
+        self.queue.push_back(Entry::Query {
+            swallow: true,
+            set: None,
+            failed: false,
+        });
+    }
+
+    /// Closes statements the server invalidated, before the client's messages.
+    pub fn close_orphans(&mut self, server: &mut ServerConn, to_server: &mut BytesMut) {
+        if server.statements.orphans.is_empty() {
+            return;
+        }
+        for name in std::mem::take(&mut server.statements.orphans) {
+            frontend::encode_close(to_server, b'S', &name);
+            self.queue.push_back(Entry::Close {
+                swallow: true,
+                evicted: None,
+            });
+        }
+        frontend::encode_sync(to_server);
+        self.queue.push_back(Entry::Query {
+            swallow: true,
+            set: None,
+            failed: false,
+        });
+    }
+
+    fn push_synth(&mut self, msg: Synth, undo: Option<NameUndo>, to_client: &mut BytesMut) {
+        if self.queue.is_empty() {
+            emit(&msg, to_client);
+        } else {
+            self.queue.push_back(Entry::Synth { msg, undo });
+        }
+    }
+
+    /// Handles one whole client message (`raw` holds exactly its bytes).
+    #[allow(clippy::too_many_arguments)]
+    pub fn client_message(
+        &mut self,
+        header: Header,
+        raw: Bytes,
+        client: &mut ClientSide<'_>,
+        server: &mut ServerConn,
+        to_server: &mut BytesMut,
+        to_client: &mut BytesMut,
+        server_status: TransactionStatus,
+    ) {
+        let tag = header.tag;
+        self.started = true;
+        if self.skip_until_sync && tag != b'S' {
+            return;
+        }
+        if matches!(tag, b'P' | b'B' | b'D' | b'E' | b'C' | b'H' | b'S') {
+            if self.batch.is_empty() {
+                self.batch_start = Some(server_status);
+                self.executed = false;
+            }
+            self.batch.push(raw.clone());
+        }
+        match tag {
+            b'S' => {
+                self.skip_until_sync = false;
+                self.unsynced = false;
+                self.last_bind = None;
+                if let Some(err) = self.raise_at_sync.take() {
+                    // Let the server raise the refusal, so its transaction fails as it would
+                    // have had the statement failed there.
+                    let sql = raise_sql(&err);
+                    frontend::encode_parse(to_server, b"", sql.as_bytes(), &[]);
+                    frontend::encode_bind_renamed(to_server, b"", b"", &[0, 0, 0, 0, 0, 0]);
+                    FrontendMessage::Execute {
+                        portal: Bytes::new(),
+                        max_rows: 0,
+                    }
+                    .encode(to_server);
+                    self.queue.push_back(Entry::Parse {
+                        swallow: true,
+                        server_stmt: None,
+                        undo: None,
+                    });
+                    self.queue.push_back(Entry::Bind {
+                        stmt: None,
+                        at: usize::MAX,
+                    });
+                    self.queue.push_back(Entry::Execute { stmt: None });
+                }
+                to_server.extend_from_slice(&raw);
+                self.queue.push_back(Entry::Sync);
+                // Keep both vectors' memory: the finished batch becomes the sent one.
+                std::mem::swap(&mut self.sent_batch, &mut self.batch);
+                self.batch.clear();
+            }
+            b'Q' => {
+                self.queries += 1;
+                let body = &raw[5..];
+                let text =
+                    std::str::from_utf8(body.strip_suffix(&[0]).unwrap_or(body)).unwrap_or("");
+                let special = may_be_session_command(text);
+                if special && self.local_query(text, client, to_client, server_status) {
+                    return;
+                }
+                let set = if special { session_change(text) } else { None };
+                if let Some(k) = special.then(|| sql::first_keyword(text)).flatten() {
+                    if (k.eq_ignore_ascii_case("discard") || k.eq_ignore_ascii_case("deallocate"))
+                        && set.is_none()
+                    {
+                        // Forwarded as-is (inside a transaction or several statements): the
+                        // server's statements and settings are no longer known.
+                        server.broken = true;
+                    }
+                }
+                to_server.extend_from_slice(&raw);
+                self.queue.push_back(Entry::Query {
+                    swallow: false,
+                    set,
+                    failed: false,
+                });
+            }
+            b'F' => {
+                to_server.extend_from_slice(&raw);
+                self.queue.push_back(Entry::Query {
+                    swallow: false,
+                    set: None,
+                    failed: false,
+                });
+            }
+            b'P' | b'B' | b'D' | b'C' => {
+                self.unsynced = true;
+                if let Some(entry) = self.unnamed_passthrough(tag, &raw) {
+                    // Unnamed statement or portal: nothing to rename, forward the bytes as is.
+                    to_server.extend_from_slice(&raw);
+                    self.queue.push_back(entry);
+                    return;
+                }
+                let mut buf = BytesMut::from(&raw[..]);
+                match FrontendMessage::decode(&mut buf, u32::MAX) {
+                    Ok(Some(msg)) => self.extended(msg, client, server, to_server, to_client),
+                    _ => {
+                        let err = ErrorFields::error(
+                            SqlState::PROTOCOL_VIOLATION,
+                            format!("invalid message format ('{}')", tag as char),
+                        );
+                        self.fail_batch(err, to_client);
+                    }
+                }
+            }
+            b'E' => {
+                self.unsynced = true;
+                self.queries += 1;
+                to_server.extend_from_slice(&raw);
+                self.queue.push_back(Entry::Execute {
+                    stmt: self.last_bind.clone(),
+                });
+            }
+            b'H' => {
+                to_server.extend_from_slice(&raw);
+            }
+            b'd' => {
+                to_server.extend_from_slice(&raw);
+            }
+            b'c' | b'f' => {
+                self.copy_in = false;
+                to_server.extend_from_slice(&raw);
+            }
+            _ => {
+                to_server.extend_from_slice(&raw);
+            }
+        }
+    }
+
+    /// Refuses a statement (Query or Parse) inside a transaction on a policy's word. The server
+    /// itself raises the error (a `DO` block), so the transaction fails exactly as PostgreSQL
+    /// would fail it; for a Parse, the rest of the batch is skipped up to its Sync.
+    pub fn reject_statement(&mut self, tag: u8, err: ErrorFields, to_server: &mut BytesMut) {
+        self.started = true;
+        if tag == b'Q' {
+            frontend::encode_query(to_server, &raise_sql(&err));
+            self.queue.push_back(Entry::Query {
+                swallow: false,
+                set: None,
+                failed: false,
+            });
+        } else {
+            self.unsynced = true;
+            self.skip_until_sync = true;
+            self.raise_at_sync = Some(err);
+        }
+    }
+
+    /// Answers DEALLOCATE / DISCARD ALL locally when they only concern this client's view.
+    fn local_query(
+        &mut self,
+        text: &str,
+        client: &mut ClientSide<'_>,
+        to_client: &mut BytesMut,
+        status: TransactionStatus,
+    ) -> bool {
+        let Some(cmd) = sql::session_command(text) else {
+            return false;
+        };
+        let tag = match cmd {
+            SessionCommand::Deallocate(name) => {
+                if client.statements.remove(name.as_bytes()).is_none() {
+                    return false;
+                }
+                "DEALLOCATE"
+            }
+            SessionCommand::DeallocateAll => {
+                client.statements.clear();
+                "DEALLOCATE ALL"
+            }
+            SessionCommand::DiscardAll if status == TransactionStatus::Idle => {
+                client.statements.clear();
+                client.params.reset_all();
+                "DISCARD ALL"
+            }
+            _ => return false,
+        };
+        self.push_synth(Synth::CommandComplete(tag), None, to_client);
+        self.push_synth(Synth::Ready(status), None, to_client);
+        true
+    }
+
+    fn fail_batch(&mut self, err: ErrorFields, to_client: &mut BytesMut) {
+        self.push_synth(Synth::Error(Box::new(err)), None, to_client);
+        self.skip_until_sync = true;
+    }
+}
+
+/// A statement that makes the server raise `err` with its SQLSTATE and message.
+fn raise_sql(err: &ErrorFields) -> String {
+    format!(
+        "DO $sluice$ BEGIN RAISE EXCEPTION USING ERRCODE = '{}', MESSAGE = {}; END $sluice$",
+        err.code.as_str(),
+        crate::params::quote_literal(&err.message)
+    )
+}
+
+/// A cheap filter before lexing: only DEALLOCATE, DISCARD, SET and RESET (or a leading comment)
+/// can be session commands.
+fn may_be_session_command(text: &str) -> bool {
+    matches!(
+        text.trim_start().as_bytes().first(),
+        Some(b'd' | b'D' | b's' | b'S' | b'r' | b'R' | b'-' | b'/')
+    )
+}
+
+fn session_change(text: &str) -> Option<SessionChange> {
+    match sql::session_command(text)? {
+        SessionCommand::Set {
+            name,
+            value,
+            local: false,
+        } => Some(SessionChange::Set(name, value)),
+        SessionCommand::Reset { name } => Some(SessionChange::Reset(name)),
+        SessionCommand::ResetAll => Some(SessionChange::ResetAll),
+        _ => None,
+    }
+}
+
+/// Writes a ReadyForQuery into a buffer (used by idle-state local answers).
+pub fn ready(to_client: &mut BytesMut, status: TransactionStatus) {
+    backend::encode_ready_for_query(to_client, status);
+}
+
+mod server;
+mod statements;
+
+use server::emit;
+
+#[cfg(test)]
+mod tests;

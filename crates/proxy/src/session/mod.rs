@@ -1,0 +1,554 @@
+//! A client session: startup, authentication, admission, then transactions, each on whichever
+//! server connection the scheduler grants.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tracing::{debug, info, warn};
+
+use sluice_policy::{
+    ClientFacts, CompletionFacts, ConnectDecision, Hook, Outcome, TransactionDecision,
+    TransactionFacts,
+};
+use sluice_pool::{CheckoutError, Guard, KeyLimit, Ticket};
+use sluice_wire::backend::{self, TransactionStatus};
+use sluice_wire::frontend;
+use sluice_wire::startup::StartupPacket;
+use sluice_wire::{ErrorFields, Severity, SqlState};
+
+use crate::auth::{self, Outcome as AuthOutcome};
+use crate::cancel::CancelTarget;
+use crate::clients::{ClientInfo, ClientState, Counted};
+use crate::io::ClientIo;
+use crate::params::ClientParams;
+use crate::pools::PoolEntry;
+use crate::prepared::ClientStatements;
+use crate::relay::{ClientSide, Relay};
+use crate::server::{ServerConn, ServerConnector};
+use crate::shared::Shared;
+use crate::stream::Stream;
+
+mod login;
+mod relay_loop;
+
+use login::startup;
+use relay_loop::run_simple;
+
+/// Most bytes buffered toward one side before Sluice stops reading the other.
+const HIGH_WATER: usize = 256 * 1024;
+
+/// How a session ended, for the disconnect log.
+#[derive(Debug)]
+pub enum End {
+    /// The client said goodbye or closed the socket.
+    Client,
+    /// Refused during startup or login.
+    Refused(String),
+    /// A protocol error from the client.
+    Protocol(String),
+    /// The server connection failed.
+    Server(String),
+    /// A timeout.
+    Timeout(&'static str),
+    /// Shutdown or KILL_CLIENT.
+    Terminated,
+}
+
+/// Runs one client connection to the end.
+pub async fn run(shared: Arc<Shared>, stream: Stream, peer: Option<SocketAddr>) {
+    let mut io = ClientIo::new(stream);
+    let start = Instant::now();
+    let login_timeout = shared.config().sluice.client_login_timeout;
+    let hard_stop = shared.hard_stop.clone();
+    let login = async {
+        tokio::select! {
+            r = startup(&shared, &mut io, peer) => r,
+            _ = hard_stop.cancelled() => Err(End::Terminated),
+        }
+    };
+    let startup = match login_timeout {
+        Some(t) => match tokio::time::timeout(t, login).await {
+            Ok(r) => r,
+            Err(_) => {
+                io.send_error(&ErrorFields::fatal(
+                    SqlState::PROTOCOL_VIOLATION,
+                    "client_login_timeout: login not completed in time",
+                ))
+                .await;
+                Err(End::Timeout("client_login_timeout"))
+            }
+        },
+        None => login.await,
+    };
+    let session = match startup {
+        Ok(Some(Login::Client(s))) => s,
+        Ok(Some(Login::Admin(a))) => {
+            a.serve(io).await;
+            return;
+        }
+        Ok(None) => return,
+        Err(end) => {
+            debug!(peer = ?peer, reason = ?end, "login failed");
+            return;
+        }
+    };
+    let log = shared.config().sluice.log_disconnections;
+    let (id, user, db) = (
+        session.info.id,
+        session.info.user.clone(),
+        session.info.db.clone(),
+    );
+    let end = session.serve(io).await;
+    if log {
+        info!(client.id = id, user = %user, db = %db, duration_ms = start.elapsed().as_millis() as u64, reason = ?end, "client disconnected");
+    }
+}
+
+/// What a successful login leads to.
+enum Login {
+    Client(Box<Session>),
+    Admin(crate::admin::Admin),
+}
+
+/// A logged-in client.
+pub struct Session {
+    shared: Arc<Shared>,
+    pool: Arc<PoolEntry>,
+    /// Shared view for the admin console.
+    pub info: Arc<ClientInfo>,
+    cancel: Arc<CancelTarget>,
+    params: ClientParams,
+    statements: ClientStatements,
+    ticket: Ticket,
+    rate: Option<(String, sluice_policy::Rate)>,
+    cookies: Vec<u64>,
+    class_name: String,
+    _counted: Counted,
+    /// Relay state and upstream buffer, kept between transactions to reuse their memory.
+    relay: Relay,
+    to_server: BytesMut,
+}
+
+type ServerGuard = Guard<ServerConnector>;
+
+impl Session {
+    fn close(&self) {
+        self.shared.cancels.unregister(self.cancel.pid);
+        self.shared.clients.unregister(self.info.id);
+        if self.shared.policy.wants(Hook::Disconnect) {
+            self.shared.policy.on_disconnect(&self.cookies);
+        }
+    }
+
+    /// Waits for a server connection: the scheduler decides when. Sends a NOTICE after
+    /// `query_wait_notify`, gives up on a cancel request or a client that goes away.
+    async fn checkout(
+        &mut self,
+        io: &mut ClientIo,
+        login: bool,
+    ) -> Result<ServerGuard, ErrorFields> {
+        let cfg = self.shared.config();
+        if let Some((key, rate)) = &self.rate {
+            // Token bucket: wait for a token, but never longer than the wait budget.
+            let wait = self.shared.rates.reserve(key, rate.per_sec, rate.burst);
+            let budget = cfg
+                .query_wait_timeout(&self.info.db, &self.info.user)
+                .unwrap_or(Duration::MAX);
+            if wait > budget {
+                self.shared.rates.refund(key);
+                return Err(ErrorFields::error(
+                    SqlState::TOO_MANY_CONNECTIONS,
+                    format!(
+                        "transaction rate limit of {}/s for \"{key}\" exceeded",
+                        rate.per_sec
+                    ),
+                ));
+            }
+            if !wait.is_zero() {
+                tokio::time::sleep(wait).await;
+            }
+        }
+        if self.rate.is_none() {
+            if let Some(g) = self
+                .pool
+                .pool
+                .try_checkout(&self.ticket)
+                .and_then(|g| g.check())
+            {
+                self.info.set_state(ClientState::Active);
+                self.info.server_pid.store(g.pid, Ordering::Relaxed);
+                return Ok(g);
+            }
+        }
+        self.info.set_state(ClientState::Waiting);
+        let fut = self.pool.pool.checkout(self.ticket.clone());
+        tokio::pin!(fut);
+        // No NOTICE before AuthenticationOk: drivers would take it for a broken login.
+        let mut notify = if login {
+            None
+        } else {
+            cfg.sluice.query_wait_notify
+        };
+        let started = Instant::now();
+        let result = loop {
+            let notice = async {
+                match notify {
+                    Some(d) => tokio::time::sleep(d.saturating_sub(started.elapsed())).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                r = &mut fut => break r,
+                _ = notice => {
+                    notify = None;
+                    let f = ErrorFields::notice(format!(
+                        "waiting for a server connection in pool \"{}\" (class \"{}\")", self.pool.pool.name(), self.class_name));
+                    backend::encode_notice(&mut io.wbuf, &f);
+                    let _ = io.flush().await;
+                }
+                _ = self.cancel.while_waiting.notified() => {
+                    self.info.set_state(ClientState::Idle);
+                    return Err(ErrorFields::error(SqlState::QUERY_CANCELED, "canceling statement due to user request"));
+                }
+            }
+        };
+        match result {
+            Ok(g) => {
+                self.info.set_state(ClientState::Active);
+                self.info.server_pid.store(g.pid, Ordering::Relaxed);
+                Ok(g)
+            }
+            Err(e) => {
+                self.info.set_state(ClientState::Idle);
+                self.shared
+                    .stats
+                    .checkout_errors
+                    .fetch_add(1, Ordering::Relaxed);
+                Err(match e {
+                    CheckoutError::Shed { pool, class, waited } => ErrorFields::error(
+                        SqlState::TOO_MANY_CONNECTIONS,
+                        format!("no server connection available: class \"{class}\" waited {} ms in pool \"{pool}\" (max_wait)", waited.as_millis()),
+                    ),
+                    CheckoutError::Timeout { pool, waited } => ErrorFields::error(
+                        SqlState::TOO_MANY_CONNECTIONS,
+                        format!("query_wait_timeout: no server connection available in pool \"{pool}\" after {} ms", waited.as_millis()),
+                    ),
+                    CheckoutError::Connect(e) => e.to_client(),
+                    CheckoutError::Closed(pool) => ErrorFields::error(SqlState::CANNOT_CONNECT_NOW, format!("pool \"{pool}\" is closed")),
+                })
+            }
+        }
+    }
+
+    /// Serves transactions until the client leaves.
+    async fn serve(mut self, mut io: ClientIo) -> End {
+        let end = self.serve_inner(&mut io).await;
+        if let End::Terminated = end {
+            io.send_error(&ErrorFields::fatal(
+                SqlState::ADMIN_SHUTDOWN,
+                "terminating connection due to administrator command",
+            ))
+            .await;
+        }
+        self.close();
+        end
+    }
+
+    async fn serve_inner(&mut self, io: &mut ClientIo) -> End {
+        let shutdown = self.shared.shutdown.clone();
+        let kill = self.info.kill.clone();
+        loop {
+            // Handle what needs no server connection; stop at the first message that does.
+            let max = self.shared.config().sluice.max_packet_size;
+            loop {
+                let header = match frontend::peek_header(&io.rbuf) {
+                    Ok(Some(h)) => h,
+                    Ok(None) => break,
+                    Err(e) => return self.protocol_error(io, e.to_string()).await,
+                };
+                if header.len > max {
+                    return self
+                        .protocol_error(
+                            io,
+                            format!("message of {} bytes exceeds max_packet_size", header.len),
+                        )
+                        .await;
+                }
+                match header.tag {
+                    b'X' => return End::Client,
+                    b'S' if io.rbuf.len() >= 5 => {
+                        io.rbuf.advance(5);
+                        backend::encode_ready_for_query(&mut io.wbuf, TransactionStatus::Idle);
+                    }
+                    b'H' if io.rbuf.len() >= 5 => io.rbuf.advance(5),
+                    b'p' => {
+                        return self
+                            .protocol_error(io, "unexpected password message".into())
+                            .await
+                    }
+                    _ => break,
+                }
+            }
+            if io.flush().await.is_err() {
+                return End::Client;
+            }
+            if shutdown.is_cancelled() {
+                return End::Terminated;
+            }
+            let whole = matches!(frontend::peek_header(&io.rbuf), Ok(Some(h)) if io.rbuf.len() >= h.total_len());
+            if whole {
+                match self.transaction(io).await {
+                    Ok(()) => continue,
+                    Err(end) => return end,
+                }
+            }
+            let idle_timeout = {
+                let cfg = self.shared.config();
+                cfg.users
+                    .get(&self.info.user)
+                    .and_then(|u| u.client_idle_timeout)
+                    .unwrap_or(cfg.sluice.client_idle_timeout)
+            };
+            let idle = async {
+                match idle_timeout {
+                    Some(t) => tokio::time::sleep(t).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                r = io.fill() => match r {
+                    Ok(()) => {}
+                    Err(_) => return End::Client,
+                },
+                _ = shutdown.cancelled() => return End::Terminated,
+                _ = kill.cancelled() => return End::Terminated,
+                _ = idle => {
+                    io.send_error(&ErrorFields::fatal(SqlState::IDLE_SESSION_TIMEOUT, "client_idle_timeout: closing idle client connection")).await;
+                    return End::Timeout("client_idle_timeout");
+                }
+            }
+        }
+    }
+
+    async fn protocol_error(&self, io: &mut ClientIo, msg: String) -> End {
+        io.send_error(&ErrorFields::fatal(
+            SqlState::PROTOCOL_VIOLATION,
+            msg.clone(),
+        ))
+        .await;
+        End::Protocol(msg)
+    }
+
+    /// The first statement of a new transaction, for policies.
+    fn first_statement(&self, io: &ClientIo) -> String {
+        let Ok(Some(h)) = frontend::peek_header(&io.rbuf) else {
+            return String::new();
+        };
+        let cap = self.shared.config().policy.max_query_len as usize;
+        let total = h.total_len().min(io.rbuf.len());
+        let body = &io.rbuf[5.min(total)..total];
+        let text = match h.tag {
+            b'Q' => body,
+            b'P' => {
+                // Parse: name\0 query\0 ...
+                let name_end = body
+                    .iter()
+                    .position(|b| *b == 0)
+                    .map_or(body.len(), |p| p + 1);
+                &body[name_end.min(body.len())..]
+            }
+            _ => &[][..],
+        };
+        let end = text
+            .iter()
+            .position(|b| *b == 0)
+            .unwrap_or(text.len())
+            .min(cap);
+        let mut s = String::from_utf8_lossy(&text[..end]).into_owned();
+        while s.len() > cap {
+            s.pop();
+        }
+        s
+    }
+
+    /// Reports a refusal before any server is involved, consuming the batch it applies to.
+    async fn refuse_batch(&mut self, io: &mut ClientIo, f: ErrorFields) -> Result<(), End> {
+        // Consume up to and including the end of the batch: one Query, or up to Sync.
+        loop {
+            let h = match frontend::peek_header(&io.rbuf) {
+                Ok(Some(h)) if io.rbuf.len() >= h.total_len() => h,
+                Ok(_) => {
+                    if io.fill().await.is_err() {
+                        return Err(End::Client);
+                    }
+                    continue;
+                }
+                Err(e) => return Err(self.protocol_error(io, e.to_string()).await),
+            };
+            io.rbuf.advance(h.total_len());
+            match h.tag {
+                b'Q' | b'S' | b'F' => break,
+                b'X' => return Err(End::Client),
+                _ => {}
+            }
+        }
+        backend::encode_error(&mut io.wbuf, &f);
+        backend::encode_ready_for_query(&mut io.wbuf, TransactionStatus::Idle);
+        io.flush().await.map_err(|_| End::Client)
+    }
+
+    /// Runs one transaction: policy, checkout, relay until the server connection is free.
+    async fn transaction(&mut self, io: &mut ClientIo) -> Result<(), End> {
+        let shared = self.shared.clone();
+        let policy = &shared.policy;
+        let mut ticket = self.ticket.clone();
+        let mut timeout_ms = None;
+        if policy.wants(Hook::Transaction) || policy.wants(Hook::Query) {
+            let query = self.first_statement(io);
+            let kind = sluice_policy::statement_kind(&query);
+            let (size, active, idle, waiting) = self.pool.pool.load();
+            let facts = TransactionFacts {
+                cookies: &self.cookies,
+                class: &self.class_name,
+                kind,
+                in_transaction: false,
+                query: &query,
+                pool: sluice_policy::PoolSnapshot {
+                    size,
+                    active,
+                    idle,
+                    waiting,
+                },
+            };
+            for hook in [Hook::Transaction, Hook::Query] {
+                if !policy.wants(hook) {
+                    continue;
+                }
+                let d = if hook == Hook::Transaction {
+                    policy.on_transaction(&facts)
+                } else {
+                    policy.on_query(&facts)
+                };
+                match d {
+                    TransactionDecision::Proceed(p) => {
+                        if let Some(pr) = p.priority {
+                            ticket.priority = pr;
+                        }
+                        if p.timeout_ms.is_some() {
+                            timeout_ms = p.timeout_ms;
+                        }
+                    }
+                    TransactionDecision::Reject(r) => {
+                        self.shared.stats.rejected.fetch_add(1, Ordering::Relaxed);
+                        let code = SqlState::parse(r.sqlstate.as_str())
+                            .unwrap_or(SqlState::INSUFFICIENT_PRIVILEGE);
+                        return self
+                            .refuse_batch(io, ErrorFields::error(code, r.message))
+                            .await;
+                    }
+                }
+            }
+        }
+        let saved = std::mem::replace(&mut self.ticket, ticket);
+        let checkout = self.checkout(io, false).await;
+        self.ticket = saved;
+        let mut guard = match checkout {
+            Ok(g) => g,
+            Err(f) => return self.refuse_batch(io, f).await,
+        };
+        let waited = guard.waited;
+        let started = Instant::now();
+        self.cancel.attach(guard.cancel_target());
+        let result = self.relay(io, &mut guard, timeout_ms).await;
+        self.cancel.detach();
+        self.info.server_pid.store(0, Ordering::Relaxed);
+        self.info.set_state(ClientState::Idle);
+        self.shared
+            .stats
+            .transactions
+            .fetch_add(1, Ordering::Relaxed);
+        let outcome = match &result {
+            Ok(r) if r.saw_error => Outcome::Failed,
+            Ok(_) => Outcome::Committed,
+            Err(_) => Outcome::Aborted,
+        };
+        if let Ok(r) = &result {
+            self.shared
+                .stats
+                .queries
+                .fetch_add(r.queries, Ordering::Relaxed);
+        }
+        if policy.wants(Hook::Complete) {
+            policy.on_complete(&CompletionFacts {
+                cookies: &self.cookies,
+                class: &self.class_name,
+                duration_us: started.elapsed().as_micros() as u64,
+                wait_us: waited.as_micros() as u64,
+                outcome,
+            });
+        }
+        self.shared.stats.record_tx(started.elapsed(), waited);
+        match result {
+            Ok(relay) => {
+                self.relay = relay;
+                self.release(guard);
+                Ok(())
+            }
+            Err(end) => {
+                self.abandon(guard);
+                Err(end)
+            }
+        }
+    }
+
+    fn release(&self, guard: ServerGuard) {
+        if guard.cancels.idle() {
+            drop(guard);
+            return;
+        }
+        // A cancel is still in flight against this backend: reuse it only after it landed.
+        let wait = self.shared.config().sluice.cancel_wait_timeout;
+        self.shared.tracker.spawn(async move {
+            let _ = tokio::time::timeout(wait, guard.cancels.wait()).await;
+            drop(guard);
+        });
+    }
+
+    /// The client went away mid-transaction: roll back and reuse the server connection if it
+    /// is in a clean state to do so; otherwise close it. Never reuse it dirty.
+    fn abandon(&self, mut guard: ServerGuard) {
+        self.shared.stats.abandoned.fetch_add(1, Ordering::Relaxed);
+        if !guard.quiet && !guard.broken {
+            // A query is still running for nobody: cancel it and close the connection, so
+            // its answers can never reach another client.
+            guard.broken = true;
+            let target = guard.cancel_target();
+            let timeout = self.shared.config().sluice.cancel_wait_timeout;
+            self.shared.tracker.spawn(async move {
+                let _ = tokio::time::timeout(timeout, crate::cancel::forward(&target)).await;
+            });
+        }
+        let clean_point = guard.rbuf.is_empty() && !guard.broken && guard.quiet;
+        if !clean_point || guard.status == TransactionStatus::Idle {
+            if guard.status != TransactionStatus::Idle || !clean_point {
+                guard.broken = true;
+            }
+            drop(guard);
+            return;
+        }
+        self.shared.tracker.spawn(async move {
+            let mut out = BytesMut::new();
+            frontend::encode_query(&mut out, "ROLLBACK");
+            let ok =
+                tokio::time::timeout(Duration::from_secs(5), run_simple(&mut guard, &out)).await;
+            if !matches!(ok, Ok(Ok(_))) || guard.status != TransactionStatus::Idle {
+                guard.broken = true;
+            }
+            drop(guard);
+        });
+    }
+}

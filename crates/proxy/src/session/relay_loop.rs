@@ -1,0 +1,286 @@
+//! The relay loop: one transaction's bytes between client and server, with the IO the
+//! relay state machine leaves out.
+
+use super::*;
+
+impl Session {
+    /// Relays between client and server until the server connection is free.
+    pub(super) async fn relay(
+        &mut self,
+        io: &mut ClientIo,
+        guard: &mut ServerGuard,
+        timeout_ms: Option<u32>,
+    ) -> Result<Relay, End> {
+        let cfg = self.shared.config();
+        let max = cfg.sluice.max_packet_size;
+        let idle_tx = self.user_idle_tx(&cfg);
+        let server: &mut ServerConn = guard;
+        let mut relay = std::mem::take(&mut self.relay);
+        relay.reset();
+        let mut to_server = std::mem::take(&mut self.to_server);
+        to_server.clear();
+        relay.close_orphans(server, &mut to_server);
+        if server.params_for != Some((self.info.id, self.params.epoch())) {
+            if let Some(sql) = self.params.diff(&server.params, &mut server.applied) {
+                relay.inject_query(&sql, &mut to_server);
+            }
+        }
+        let _ = timeout_ms;
+        let kill = self.info.kill.clone();
+        let mut statements = 0u32;
+        loop {
+            // Forward every whole client message.
+            loop {
+                let header = match frontend::peek_header(&io.rbuf) {
+                    Ok(Some(h)) => h,
+                    Ok(None) => break,
+                    Err(e) => return Err(self.protocol_error(io, e.to_string()).await),
+                };
+                if header.len > max {
+                    return Err(self
+                        .protocol_error(
+                            io,
+                            format!("message of {} bytes exceeds max_packet_size", header.len),
+                        )
+                        .await);
+                }
+                if header.tag == b'X' {
+                    return Err(End::Client);
+                }
+                if io.rbuf.len() < header.total_len() {
+                    io.rbuf.reserve(header.total_len() - io.rbuf.len());
+                    break;
+                }
+                // A new transaction after this one finished goes through the scheduler again.
+                if relay.started && relay.done(server) {
+                    break;
+                }
+                let raw = io.rbuf.split_to(header.total_len()).freeze();
+                let status = server.status;
+                if matches!(header.tag, b'Q' | b'P') {
+                    statements += 1;
+                    // The first statement was judged before checkout; later ones here.
+                    if statements > 1 && self.shared.policy.wants(Hook::Query) {
+                        if let Some(r) = self.judge_statement(&raw, header.tag, status) {
+                            relay.reject_statement(header.tag, r, &mut to_server);
+                            continue;
+                        }
+                    }
+                }
+                server.quiet = false;
+                let mut side = ClientSide {
+                    statements: &mut self.statements,
+                    params: &mut self.params,
+                    registry: &self.shared.registry,
+                };
+                relay.client_message(
+                    header,
+                    raw,
+                    &mut side,
+                    server,
+                    &mut to_server,
+                    &mut io.wbuf,
+                    status,
+                );
+            }
+            if relay.started && relay.done(server) && to_server.is_empty() {
+                server.params_for = Some((self.info.id, self.params.epoch()));
+                if !io.wbuf.is_empty() {
+                    io.flush().await.map_err(|_| End::Client)?;
+                }
+                self.to_server = to_server;
+                return Ok(relay);
+            }
+            let read_client = to_server.len() < HIGH_WATER;
+            let read_server = io.wbuf.len() < HIGH_WATER;
+            let idle_wait = async {
+                match idle_tx {
+                    Some(t)
+                        if !relay.waiting_for_server()
+                            && server.status != TransactionStatus::Idle =>
+                    {
+                        tokio::time::sleep(t).await
+                    }
+                    _ => std::future::pending().await,
+                }
+            };
+            let (mut cr, mut cw) = io.stream.split();
+            let (mut sr, mut sw) = server.stream.split();
+            tokio::select! {
+                biased;
+                r = sr.read_buf(&mut server.rbuf), if read_server => {
+                    match r {
+                        Ok(0) | Err(_) => {
+                            server.broken = true;
+                            let mut f = ErrorFields::fatal(SqlState::CONNECTION_FAILURE, "server connection lost: the server closed the connection unexpectedly");
+                            if let Some(reason) = server.fatal.take() {
+                                f = f.with_detail(format!("The server said: {reason}"));
+                            }
+                            let _ = (cr, cw);
+                            io.send_error(&f).await;
+                            return Err(End::Server(f.message));
+                        }
+                        Ok(_) => {
+                            let mut side = ClientSide { statements: &mut self.statements, params: &mut self.params, registry: &self.shared.registry };
+                            let out = relay.server_output(&mut side, server, &mut io.wbuf, max);
+                            server.quiet = relay.quiescent();
+                            if !relay.upstream.is_empty() {
+                                to_server.extend_from_slice(&relay.upstream);
+                                relay.upstream.clear();
+                            }
+                            if let Err(e) = out {
+                                server.broken = true;
+                                let _ = (cr, cw);
+                                let f = ErrorFields::fatal(SqlState::CONNECTION_FAILURE, format!("server connection lost: {e}"));
+                                io.send_error(&f).await;
+                                return Err(End::Server(e));
+                            }
+                        }
+                    }
+                }
+                r = cw.write_buf(&mut io.wbuf), if !io.wbuf.is_empty() => {
+                    if r.is_err() { return Err(End::Client); }
+                }
+                r = sw.write_buf(&mut to_server), if !to_server.is_empty() => {
+                    if r.is_err() {
+                        server.broken = true;
+                        let _ = (cr, cw);
+                        let f = ErrorFields::fatal(SqlState::CONNECTION_FAILURE, "server connection lost while sending");
+                        io.send_error(&f).await;
+                        return Err(End::Server(f.message));
+                    }
+                }
+                r = cr.read_buf(&mut io.rbuf), if read_client => {
+                    match r {
+                        Ok(0) | Err(_) => return Err(End::Client),
+                        Ok(_) => {}
+                    }
+                }
+                _ = idle_wait => {
+                    let _ = (cr, cw);
+                    io.send_error(&ErrorFields::fatal(SqlState::IDLE_IN_TRANSACTION_SESSION_TIMEOUT, "idle_transaction_timeout: terminating connection due to idle-in-transaction timeout")).await;
+                    return Err(End::Timeout("idle_transaction_timeout"));
+                }
+                _ = kill.cancelled() => return Err(End::Terminated),
+            }
+        }
+    }
+
+    /// Runs `on-query` for a statement inside a running transaction; `Some` to refuse it.
+    pub(super) fn judge_statement(
+        &self,
+        raw: &[u8],
+        tag: u8,
+        status: TransactionStatus,
+    ) -> Option<ErrorFields> {
+        let cap = self.shared.config().policy.max_query_len as usize;
+        let body = raw.get(5..).unwrap_or_default();
+        let text = match tag {
+            b'P' => {
+                let name_end = body
+                    .iter()
+                    .position(|b| *b == 0)
+                    .map_or(body.len(), |p| p + 1);
+                &body[name_end.min(body.len())..]
+            }
+            _ => body,
+        };
+        let end = text
+            .iter()
+            .position(|b| *b == 0)
+            .unwrap_or(text.len())
+            .min(cap);
+        let query = String::from_utf8_lossy(&text[..end]);
+        let (size, active, idle, waiting) = self.pool.pool.load();
+        let facts = TransactionFacts {
+            cookies: &self.cookies,
+            class: &self.class_name,
+            kind: sluice_policy::statement_kind(&query),
+            in_transaction: status != TransactionStatus::Idle,
+            query: &query,
+            pool: sluice_policy::PoolSnapshot {
+                size,
+                active,
+                idle,
+                waiting,
+            },
+        };
+        match self.shared.policy.on_query(&facts) {
+            TransactionDecision::Proceed(_) => None,
+            TransactionDecision::Reject(r) => {
+                self.shared.stats.rejected.fetch_add(1, Ordering::Relaxed);
+                let code = SqlState::parse(r.sqlstate.as_str())
+                    .unwrap_or(SqlState::INSUFFICIENT_PRIVILEGE);
+                Some(ErrorFields::error(code, r.message))
+            }
+        }
+    }
+
+    pub(super) fn user_idle_tx(&self, cfg: &sluice_config::Config) -> Option<Duration> {
+        cfg.users
+            .get(&self.info.user)
+            .and_then(|u| u.idle_transaction_timeout)
+            .unwrap_or(cfg.sluice.idle_transaction_timeout)
+    }
+}
+
+/// Sends one simple query and reads to ReadyForQuery. Returns the ParameterStatus values seen,
+/// or the server's error.
+pub(super) async fn run_simple(
+    server: &mut ServerConn,
+    query: &[u8],
+) -> Result<Vec<(String, String)>, ErrorFields> {
+    let io_err = |e: std::io::Error| {
+        ErrorFields::error(
+            SqlState::CONNECTION_FAILURE,
+            format!("server connection lost: {e}"),
+        )
+    };
+    server.stream.write_all(query).await.map_err(io_err)?;
+    let mut reported = Vec::new();
+    let mut error = None;
+    loop {
+        match frontend::split_message(&mut server.rbuf, 1 << 20) {
+            Ok(Some((h, body))) => match h.tag {
+                b'S' => {
+                    if let Ok((k, v)) = backend::decode_parameter_status(&body) {
+                        server.params.insert(k.to_ascii_lowercase(), v.to_string());
+                        reported.push((k.to_string(), v.to_string()));
+                    }
+                }
+                b'E' => error = backend::decode_error_fields(&body).ok(),
+                b'Z' => {
+                    if let Ok(s) = backend::decode_ready_for_query(&body) {
+                        server.status = s;
+                    }
+                    return match error {
+                        Some(e) => Err(e),
+                        None => Ok(reported),
+                    };
+                }
+                _ => {}
+            },
+            Ok(None) => {
+                let n = server
+                    .stream
+                    .read_buf(&mut server.rbuf)
+                    .await
+                    .map_err(io_err)?;
+                if n == 0 {
+                    server.broken = true;
+                    return Err(ErrorFields::error(
+                        SqlState::CONNECTION_FAILURE,
+                        "server closed the connection",
+                    ));
+                }
+            }
+            Err(e) => {
+                server.broken = true;
+                return Err(ErrorFields::error(
+                    SqlState::CONNECTION_FAILURE,
+                    e.to_string(),
+                ));
+            }
+        }
+    }
+}
