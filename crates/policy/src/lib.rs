@@ -11,6 +11,7 @@ mod convert;
 mod engine;
 mod error;
 mod kind;
+mod policy;
 mod runtime;
 mod shared;
 pub mod simulate;
@@ -25,6 +26,7 @@ use std::time::SystemTime;
 pub use engine::{PolicyEngine, ReloadReport, ReloadedPlugin};
 pub use error::PolicyError;
 pub use kind::statement_kind;
+pub use policy::Policy;
 pub use simulate::{simulate, SimSummary};
 pub use watch::Watcher;
 

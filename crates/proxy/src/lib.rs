@@ -29,7 +29,7 @@ use tokio::sync::Semaphore;
 use tracing::{error, info, warn};
 
 use sluice_config::Config;
-use sluice_policy::PolicyEngine;
+use sluice_policy::Policy;
 use sluice_wire::{backend, ErrorFields, SqlState};
 
 pub use shared::Shared;
@@ -73,7 +73,7 @@ pub struct Running {
 
 impl Proxy {
     /// Binds every listener (port 0 allowed) and starts serving.
-    pub async fn start(config: Config, policy: Arc<PolicyEngine>) -> Result<Running, ProxyError> {
+    pub async fn start(config: Config, policy: Arc<dyn Policy>) -> Result<Running, ProxyError> {
         let g = config.sluice.clone();
         let shared = Arc::new(Shared::new(config, policy.clone()));
         policy.set_pool_state(Arc::new(PoolState(Arc::downgrade(&shared))));

@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use sluice_config::Config;
-use sluice_policy::PolicyEngine;
+use sluice_policy::Policy;
 
 use crate::cancel::CancelMap;
 use crate::clients::Clients;
@@ -31,7 +31,7 @@ pub struct Shared {
     /// Logged-in clients.
     pub clients: Arc<Clients>,
     /// Policy plugins.
-    pub policy: Arc<PolicyEngine>,
+    pub policy: Arc<dyn Policy>,
     /// Counters.
     pub stats: Stats,
     /// Per-key transaction rate limiters.
@@ -56,7 +56,7 @@ pub struct Shared {
 
 impl Shared {
     /// Builds the shared state.
-    pub fn new(config: Config, policy: Arc<PolicyEngine>) -> Self {
+    pub fn new(config: Config, policy: Arc<dyn Policy>) -> Self {
         let mut mock_key = [0u8; 32];
         rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut mock_key);
         let client_permits = Arc::new(tokio::sync::Semaphore::new(
