@@ -219,6 +219,40 @@ impl std::fmt::Debug for ServerConn {
 }
 
 impl ServerConn {
+    /// A logged-in connection: `key` is the backend's (pid, cancel secret), `params` its
+    /// reported parameters by lowercase name, `who` the (database, role) it serves.
+    pub fn new(
+        stream: Stream,
+        rbuf: BytesMut,
+        addr: ServerAddr,
+        key: (u32, Vec<u8>),
+        params: HashMap<String, String>,
+        max_prepared: usize,
+        who: (String, String),
+    ) -> Self {
+        ServerConn {
+            id: NEXT_SERVER_ID.fetch_add(1, Ordering::Relaxed),
+            stream,
+            rbuf,
+            addr,
+            pid: key.0,
+            secret: key.1,
+            params,
+            applied: HashMap::new(),
+            statements: ServerStatements::new(max_prepared),
+            status: TransactionStatus::Idle,
+            broken: false,
+            cancels: Arc::default(),
+            created: Instant::now(),
+            cancel_target: None,
+            params_for: None,
+            quiet: true,
+            fatal: None,
+            dbname: who.0,
+            user: who.1,
+        }
+    }
+
     /// Where a cancel for this backend goes (built once per connection).
     pub fn cancel_target(&mut self) -> Arc<crate::cancel::Attached> {
         self.cancel_target
@@ -492,27 +526,15 @@ async fn login(spec: &ServerSpec) -> Result<ServerConn, ServerError> {
     }
     let (pid, secret) = key.unwrap_or((0, Vec::new()));
     buf.advance(0);
-    Ok(ServerConn {
-        id: NEXT_SERVER_ID.fetch_add(1, Ordering::Relaxed),
+    Ok(ServerConn::new(
         stream,
-        rbuf: buf,
-        addr: spec.addr.clone(),
-        pid,
-        secret,
+        buf,
+        spec.addr.clone(),
+        (pid, secret),
         params,
-        applied: HashMap::new(),
-        statements: ServerStatements::new(spec.max_prepared),
-        status: TransactionStatus::Idle,
-        broken: false,
-        cancels: Arc::default(),
-        created: Instant::now(),
-        cancel_target: None,
-        params_for: None,
-        quiet: true,
-        fatal: None,
-        dbname: spec.dbname.clone(),
-        user: spec.user.clone(),
-    })
+        spec.max_prepared,
+        (spec.dbname.clone(), spec.user.clone()),
+    ))
 }
 
 fn scram_keys(spec: &ServerSpec, salt: &[u8], iterations: u32) -> Result<ClientKeys, ScramError> {

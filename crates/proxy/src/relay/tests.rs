@@ -1,8 +1,6 @@
 //! Relay tests without PostgreSQL: client messages in, bytes to the server and client out.
 
 use std::collections::HashMap;
-use std::sync::Arc;
-use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 use sluice_wire::backend::{self, TransactionStatus};
@@ -11,7 +9,7 @@ use sluice_wire::{ErrorFields, SqlState};
 
 use super::*;
 use crate::params::ClientParams;
-use crate::prepared::{ClientStatements, Registry, ServerStatements};
+use crate::prepared::{ClientStatements, Registry};
 use crate::server::{ServerAddr, ServerConn};
 use crate::stream::Stream;
 
@@ -24,30 +22,18 @@ fn server(cap: usize) -> ServerConn {
         .unwrap();
     let stream = rt.block_on(async { tokio::net::UnixStream::from_std(a).unwrap() });
     std::mem::forget(rt);
-    ServerConn {
-        id: 1,
-        stream: Stream::Unix(stream),
-        rbuf: BytesMut::new(),
-        addr: ServerAddr {
+    ServerConn::new(
+        Stream::Unix(stream),
+        BytesMut::new(),
+        ServerAddr {
             host: "/tmp".into(),
             port: 5432,
         },
-        pid: 1,
-        secret: vec![0; 4],
-        params: HashMap::new(),
-        applied: HashMap::new(),
-        statements: ServerStatements::new(cap),
-        status: TransactionStatus::Idle,
-        broken: false,
-        cancels: Arc::default(),
-        created: Instant::now(),
-        cancel_target: None,
-        params_for: None,
-        quiet: true,
-        fatal: None,
-        dbname: "db".into(),
-        user: "u".into(),
-    }
+        (1, vec![0; 4]),
+        HashMap::new(),
+        cap,
+        ("db".into(), "u".into()),
+    )
 }
 
 struct Client {
