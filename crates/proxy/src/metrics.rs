@@ -78,48 +78,41 @@ pub fn render(shared: &Shared) -> String {
         "# HELP sluice_up Whether Sluice is serving.\n# TYPE sluice_up gauge\nsluice_up 1"
     );
     let _ = writeln!(o, "# HELP sluice_uptime_seconds Seconds since start.\n# TYPE sluice_uptime_seconds gauge\nsluice_uptime_seconds {}", shared.started.elapsed().as_secs());
-    counter(
-        &mut o,
-        "sluice_transactions_total",
-        "Transactions relayed.",
-        s.transactions.load(Ordering::Relaxed),
-    );
-    counter(
-        &mut o,
-        "sluice_queries_total",
-        "Queries relayed.",
-        s.queries.load(Ordering::Relaxed),
-    );
-    counter(
-        &mut o,
-        "sluice_policy_rejections_total",
-        "Transactions rejected by policy.",
-        s.rejected.load(Ordering::Relaxed),
-    );
-    counter(
-        &mut o,
-        "sluice_abandoned_transactions_total",
-        "Transactions whose client vanished.",
-        s.abandoned.load(Ordering::Relaxed),
-    );
-    counter(
-        &mut o,
-        "sluice_checkout_errors_total",
-        "Checkouts that failed (shed, timeout, connect).",
-        s.checkout_errors.load(Ordering::Relaxed),
-    );
-    counter(
-        &mut o,
-        "sluice_client_connections_total",
-        "Client connections accepted.",
-        s.accepted.load(Ordering::Relaxed),
-    );
-    counter(
-        &mut o,
-        "sluice_client_connections_refused_total",
-        "Client connections refused by max_client_conn.",
-        s.refused.load(Ordering::Relaxed),
-    );
+    for (name, help, value) in [
+        (
+            "sluice_transactions_total",
+            "Transactions relayed.",
+            &s.transactions,
+        ),
+        ("sluice_queries_total", "Queries relayed.", &s.queries),
+        (
+            "sluice_policy_rejections_total",
+            "Transactions rejected by policy.",
+            &s.rejected,
+        ),
+        (
+            "sluice_abandoned_transactions_total",
+            "Transactions whose client vanished.",
+            &s.abandoned,
+        ),
+        (
+            "sluice_checkout_errors_total",
+            "Checkouts that failed (shed, timeout, connect).",
+            &s.checkout_errors,
+        ),
+        (
+            "sluice_client_connections_total",
+            "Client connections accepted.",
+            &s.accepted,
+        ),
+        (
+            "sluice_client_connections_refused_total",
+            "Client connections refused by max_client_conn.",
+            &s.refused,
+        ),
+    ] {
+        counter(&mut o, name, help, value.load(Ordering::Relaxed));
+    }
     let _ = writeln!(o, "# HELP sluice_reloads_total Configuration reloads by outcome.\n# TYPE sluice_reloads_total counter");
     let _ = writeln!(
         o,
