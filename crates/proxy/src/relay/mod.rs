@@ -158,6 +158,10 @@ pub struct Relay {
     skip_param_description: bool,
     /// The statement this batch found stale (remapped for the client on retry).
     invalidated: Option<Arc<Statement>>,
+    /// Session-level SET/RESET made inside the open transaction block.
+    pending_changes: Vec<SessionChange>,
+    /// How the last transaction block ended: COMMIT (true) or ROLLBACK (false).
+    block_end: Option<bool>,
 }
 
 impl Relay {
@@ -184,6 +188,8 @@ impl Relay {
         self.described = false;
         self.skip_param_description = false;
         self.invalidated = None;
+        self.pending_changes.clear();
+        self.block_end = None;
     }
 
     /// Whether the server connection can be released: nothing outstanding, idle, no open batch.

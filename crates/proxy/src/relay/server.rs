@@ -104,6 +104,12 @@ impl Relay {
             b'C' | b'I' | b's' => {
                 if tag == b'C' {
                     self.copy_in = false;
+                    // How a transaction block ended decides the fate of SETs made inside it.
+                    match backend::decode_command_complete(body) {
+                        Ok("COMMIT") => self.block_end = Some(true),
+                        Ok("ROLLBACK") => self.block_end = Some(false),
+                        _ => {}
+                    }
                 }
                 if matches!(self.queue.front(), Some(Entry::Execute { .. })) {
                     self.executed = true;
@@ -135,6 +141,17 @@ impl Relay {
                     server.status = status;
                 }
                 self.copy_in = false;
+                if server.status == TransactionStatus::Idle && !self.pending_changes.is_empty() {
+                    let changes = std::mem::take(&mut self.pending_changes);
+                    if self.block_end == Some(true) {
+                        for change in changes {
+                            apply_change(change, client.params, server);
+                        }
+                    }
+                }
+                if server.status == TransactionStatus::Idle {
+                    self.block_end = None;
+                }
                 match self.queue.pop_front() {
                     Some(Entry::Query {
                         set,
@@ -142,7 +159,12 @@ impl Relay {
                         swallow,
                     }) => {
                         if let (false, false, Some(change)) = (failed, swallow, set) {
-                            apply_change(change, client.params, server);
+                            if server.status == TransactionStatus::Idle {
+                                apply_change(change, client.params, server);
+                            } else {
+                                // Inside a transaction block: kept only if it commits.
+                                self.pending_changes.push(change);
+                            }
                         }
                     }
                     Some(Entry::Sync) => {

@@ -547,3 +547,106 @@ fn a_stale_statement_describe_is_retried_for_a_new_client() {
     );
     assert!(r.done(&s));
 }
+
+/// Runs one simple query through the relay with the server's answers; returns client tags.
+fn simple(
+    r: &mut Relay,
+    c: &mut Client,
+    reg: &Registry,
+    s: &mut ServerConn,
+    sql: &'static str,
+    tag: &str,
+    status: TransactionStatus,
+) -> String {
+    send(
+        r,
+        c,
+        reg,
+        s,
+        &[FrontendMessage::Query {
+            sql: Bytes::from_static(sql.as_bytes()),
+        }],
+    );
+    let mut out = BytesMut::new();
+    backend::encode_command_complete(&mut out, tag);
+    out.extend_from_slice(&z(status));
+    tags(&answer(r, c, reg, s, out))
+}
+
+#[test]
+fn a_set_inside_a_rolled_back_block_does_not_follow_the_client() {
+    let (reg, mut c, mut s) = (Registry::default(), client(), server(10));
+    let mut r = Relay::default();
+    simple(
+        &mut r,
+        &mut c,
+        &reg,
+        &mut s,
+        "begin",
+        "BEGIN",
+        TransactionStatus::InBlock,
+    );
+    simple(
+        &mut r,
+        &mut c,
+        &reg,
+        &mut s,
+        "set search_path = audit",
+        "SET",
+        TransactionStatus::InBlock,
+    );
+    simple(
+        &mut r,
+        &mut c,
+        &reg,
+        &mut s,
+        "rollback",
+        "ROLLBACK",
+        TransactionStatus::Idle,
+    );
+    assert_eq!(
+        c.params.desired().count(),
+        0,
+        "rolled back: nothing to re-apply"
+    );
+    let mut r = Relay::default();
+    simple(
+        &mut r,
+        &mut c,
+        &reg,
+        &mut s,
+        "begin",
+        "BEGIN",
+        TransactionStatus::InBlock,
+    );
+    simple(
+        &mut r,
+        &mut c,
+        &reg,
+        &mut s,
+        "set search_path = audit",
+        "SET",
+        TransactionStatus::InBlock,
+    );
+    simple(
+        &mut r,
+        &mut c,
+        &reg,
+        &mut s,
+        "commit",
+        "COMMIT",
+        TransactionStatus::Idle,
+    );
+    let wishes: Vec<_> = c
+        .params
+        .desired()
+        .map(|(k, _, v)| (k.to_string(), v.clone()))
+        .collect();
+    assert_eq!(
+        wishes,
+        vec![(
+            "search_path".to_string(),
+            crate::params::ParamValue::Sql("audit".into())
+        )]
+    );
+}
