@@ -461,10 +461,19 @@ fn raise_sql(err: &ErrorFields) -> String {
 /// A cheap filter before lexing: only DEALLOCATE, DISCARD, SET and RESET (or a leading comment)
 /// can be session commands.
 fn may_be_session_command(text: &str) -> bool {
-    matches!(
-        text.trim_start().as_bytes().first(),
-        Some(b'd' | b'D' | b's' | b'S' | b'r' | b'R' | b'-' | b'/')
-    )
+    let t = text.trim_start();
+    if t.starts_with("--") || t.starts_with("/*") {
+        return true;
+    }
+    let word = t
+        .as_bytes()
+        .iter()
+        .take_while(|b| b.is_ascii_alphabetic())
+        .count();
+    let first = &t[..word];
+    ["set", "reset", "deallocate", "discard"]
+        .iter()
+        .any(|k| first.eq_ignore_ascii_case(k))
 }
 
 fn session_change(text: &str) -> Option<SessionChange> {

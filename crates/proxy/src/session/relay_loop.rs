@@ -83,6 +83,30 @@ impl Session {
                     status,
                 );
             }
+            // Write what we can right away: most of the time the sockets take it all and the
+            // loop waits only for the next answer, not for writability.
+            if !to_server.is_empty() {
+                match server.stream.try_write(&to_server) {
+                    Ok(n) => to_server.advance(n),
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(_) => {
+                        server.broken = true;
+                        let f = ErrorFields::fatal(
+                            SqlState::CONNECTION_FAILURE,
+                            "server connection lost while sending",
+                        );
+                        io.send_error(&f).await;
+                        return Err(End::Server(f.message));
+                    }
+                }
+            }
+            if !io.wbuf.is_empty() {
+                match io.stream.try_write(&io.wbuf) {
+                    Ok(n) => io.wbuf.advance(n),
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(_) => return Err(End::Client),
+                }
+            }
             if relay.started && relay.done(server) && to_server.is_empty() {
                 server.params_for = Some((self.info.id, self.params.epoch()));
                 if !io.wbuf.is_empty() {
