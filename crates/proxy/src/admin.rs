@@ -328,32 +328,26 @@ impl Admin {
                 ]);
                 for p in shared.pools.all() {
                     let spec = p.pool.connector().spec();
-                    for c in clients.iter().filter(|c| c.db == p.db && c.user == p.user) {
-                        let pid = c.server_pid.load(Ordering::Relaxed);
-                        if pid != 0 {
-                            t.row(vec![
-                                "S".into(),
-                                spec.user.clone(),
-                                spec.dbname.clone(),
-                                "active".into(),
-                                spec.addr.host.clone(),
-                                spec.addr.port.to_string(),
-                                pid.to_string(),
-                                c.id.to_string(),
-                            ]);
-                        }
-                    }
-                    for pid in p.pool.idle_map(|s| s.pid) {
+                    let mut server = |state: &str, pid: u32, link: String| {
                         t.row(vec![
                             "S".into(),
                             spec.user.clone(),
                             spec.dbname.clone(),
-                            "idle".into(),
+                            state.into(),
                             spec.addr.host.clone(),
                             spec.addr.port.to_string(),
                             pid.to_string(),
-                            "".into(),
+                            link,
                         ]);
+                    };
+                    for c in clients.iter().filter(|c| c.db == p.db && c.user == p.user) {
+                        let pid = c.server_pid.load(Ordering::Relaxed);
+                        if pid != 0 {
+                            server("active", pid, c.id.to_string());
+                        }
+                    }
+                    for pid in p.pool.idle_map(|s| s.pid) {
+                        server("idle", pid, String::new());
                     }
                 }
                 t

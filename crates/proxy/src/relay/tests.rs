@@ -576,67 +576,24 @@ fn simple(
 #[test]
 fn a_set_inside_a_rolled_back_block_does_not_follow_the_client() {
     let (reg, mut c, mut s) = (Registry::default(), client(), server(10));
-    let mut r = Relay::default();
-    simple(
-        &mut r,
-        &mut c,
-        &reg,
-        &mut s,
-        "begin",
-        "BEGIN",
-        TransactionStatus::InBlock,
-    );
-    simple(
-        &mut r,
-        &mut c,
-        &reg,
-        &mut s,
-        "set search_path = audit",
-        "SET",
-        TransactionStatus::InBlock,
-    );
-    simple(
-        &mut r,
-        &mut c,
-        &reg,
-        &mut s,
-        "rollback",
-        "ROLLBACK",
-        TransactionStatus::Idle,
-    );
+    let block = |end: &'static str, c: &mut Client, s: &mut ServerConn| {
+        let mut r = Relay::default();
+        let steps = [
+            ("begin", "BEGIN", TransactionStatus::InBlock),
+            ("set search_path = audit", "SET", TransactionStatus::InBlock),
+            (end, end, TransactionStatus::Idle),
+        ];
+        for (sql, tag, status) in steps {
+            simple(&mut r, c, &reg, s, sql, tag, status);
+        }
+    };
+    block("ROLLBACK", &mut c, &mut s);
     assert_eq!(
         c.params.desired().count(),
         0,
         "rolled back: nothing to re-apply"
     );
-    let mut r = Relay::default();
-    simple(
-        &mut r,
-        &mut c,
-        &reg,
-        &mut s,
-        "begin",
-        "BEGIN",
-        TransactionStatus::InBlock,
-    );
-    simple(
-        &mut r,
-        &mut c,
-        &reg,
-        &mut s,
-        "set search_path = audit",
-        "SET",
-        TransactionStatus::InBlock,
-    );
-    simple(
-        &mut r,
-        &mut c,
-        &reg,
-        &mut s,
-        "commit",
-        "COMMIT",
-        TransactionStatus::Idle,
-    );
+    block("COMMIT", &mut c, &mut s);
     let wishes: Vec<_> = c
         .params
         .desired()
