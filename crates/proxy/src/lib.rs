@@ -354,22 +354,11 @@ fn dispatch(
     shared.stats.accepted.fetch_add(1, Ordering::Relaxed);
     match permits.clone().try_acquire_owned() {
         Ok(permit) => {
-            use tracing::Instrument;
             let s = shared.clone();
-            let span = tracing::info_span!(
-                "client",
-                peer = ?peer,
-                client.id = tracing::field::Empty,
-                user = tracing::field::Empty,
-                db = tracing::field::Empty,
-            );
-            shared.tracker.spawn(
-                async move {
-                    session::run(s, stream, peer).await;
-                    drop(permit);
-                }
-                .instrument(span),
-            );
+            shared.tracker.spawn(async move {
+                session::run(s, stream, peer).await;
+                drop(permit);
+            });
         }
         Err(_) => {
             shared.stats.refused.fetch_add(1, Ordering::Relaxed);

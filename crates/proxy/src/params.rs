@@ -7,6 +7,7 @@
 //! difference, as one `SET ...; RESET ...` query.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
 /// A parameter value as Sluice will send it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -65,11 +66,13 @@ const NOT_PARAMS: [&str; 4] = ["user", "database", "options", "replication"];
 pub struct ClientParams {
     /// Values from the startup packet, by lowercase name: what RESET returns to.
     startup: BTreeMap<String, (String, ParamValue)>,
-    /// Current wishes, by lowercase name, with the name as written.
-    desired: BTreeMap<String, (String, ParamValue)>,
-    /// Bumped on every change, so a server session that matched can skip the comparison.
-    epoch: u64,
+    /// Current wishes, by lowercase name, with the name as written. Shared with the server
+    /// connections that match them (copied on change), so a match is usually a pointer compare.
+    desired: Arc<Wishes>,
 }
+
+/// A set of parameter wishes: lowercase name to (name as written, value).
+pub type Wishes = BTreeMap<String, (String, ParamValue)>;
 
 impl ClientParams {
     /// Builds the wishes from startup parameters. Errors name the bad `options` text.
@@ -94,12 +97,18 @@ impl ClientParams {
         let key = name.to_ascii_lowercase();
         self.startup
             .insert(key.clone(), (name.to_string(), value.clone()));
-        self.desired.insert(key, (name.to_string(), value));
+        Arc::make_mut(&mut self.desired).insert(key, (name.to_string(), value));
     }
 
-    /// Changes so far; equal epochs mean equal wishes.
-    pub fn epoch(&self) -> u64 {
-        self.epoch
+    /// The current wishes, to remember on the server session that now matches them.
+    pub fn wishes(&self) -> &Arc<Wishes> {
+        &self.desired
+    }
+
+    /// Whether a server session that matched `other` already matches these wishes: the same
+    /// set (the usual case, a pointer compare) or an equal one (another client's).
+    pub fn matches(&self, other: &Arc<Wishes>) -> bool {
+        Arc::ptr_eq(&self.desired, other) || *self.desired == **other
     }
 
     /// The current wishes.
@@ -119,41 +128,38 @@ impl ClientParams {
 
     /// Records a value (a tracked ParameterStatus or a session-level SET).
     pub fn set(&mut self, name: &str, value: ParamValue) {
-        self.epoch += 1;
-        self.desired
+        Arc::make_mut(&mut self.desired)
             .insert(name.to_ascii_lowercase(), (name.to_string(), value));
     }
 
     /// Replaces a startup value with its normalised form (after the server accepted it).
     pub fn normalise(&mut self, name: &str, value: &str) {
-        self.epoch += 1;
         let key = name.to_ascii_lowercase();
         if let Some(e) = self.startup.get_mut(&key) {
             e.1 = ParamValue::Literal(value.to_string());
         }
-        if let Some(e) = self.desired.get_mut(&key) {
+        if let Some(e) = Arc::make_mut(&mut self.desired).get_mut(&key) {
             e.1 = ParamValue::Literal(value.to_string());
         }
     }
 
     /// RESET name: back to the startup value, or the server default.
     pub fn reset(&mut self, name: &str) {
-        self.epoch += 1;
         let key = name.to_ascii_lowercase();
+        let desired = Arc::make_mut(&mut self.desired);
         match self.startup.get(&key) {
             Some(v) => {
-                self.desired.insert(key, v.clone());
+                desired.insert(key, v.clone());
             }
             None => {
-                self.desired.remove(&key);
+                desired.remove(&key);
             }
         }
     }
 
     /// RESET ALL / DISCARD ALL.
     pub fn reset_all(&mut self) {
-        self.epoch += 1;
-        self.desired = self.startup.clone();
+        self.desired = Arc::new(self.startup.clone());
     }
 
     /// The SQL that makes a server session match these wishes, updating `applied` (what Sluice
@@ -165,7 +171,7 @@ impl ClientParams {
         applied: &mut HashMap<String, ParamValue>,
     ) -> Option<String> {
         let mut sql = String::new();
-        for (key, (name, value)) in &self.desired {
+        for (key, (name, value)) in self.desired.iter() {
             if !valid_name(name) {
                 continue;
             }

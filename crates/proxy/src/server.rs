@@ -196,8 +196,8 @@ pub struct ServerConn {
     pub created: Instant,
     /// The cancel route to this backend, built on first use.
     pub cancel_target: Option<Arc<crate::cancel::Attached>>,
-    /// The client (id, parameter epoch) whose parameters this session has now.
-    pub params_for: Option<(u64, u64)>,
+    /// The parameter wishes this session matches now (`None`: unknown, compare in full).
+    pub params_for: Option<Arc<crate::params::Wishes>>,
     /// Nothing in flight on this connection (kept current by the session while relaying).
     pub quiet: bool,
     /// The FATAL message the server sent before closing, if any.
@@ -282,11 +282,11 @@ impl Poolable for ServerConn {
         }
         // Drain anything the server sent while idle: notices and parameter changes are
         // harmless; EOF or an error (e.g. terminated by an administrator) means it is dead.
-        let mut scratch = [0u8; 4096];
         loop {
-            match self.stream.try_read(&mut scratch) {
+            self.rbuf.reserve(4096);
+            match self.stream.try_read_buf(&mut self.rbuf) {
                 Ok(0) => return false,
-                Ok(n) => self.rbuf.extend_from_slice(&scratch[..n]),
+                Ok(_) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                 Err(_) => return false,
             }
@@ -297,6 +297,7 @@ impl Poolable for ServerConn {
                 b'S' => {
                     if let Ok((k, v)) = backend::decode_parameter_status(&body) {
                         self.params.insert(k.to_ascii_lowercase(), v.to_string());
+                        self.params_for = None;
                     }
                 }
                 b'N' | b'A' => {}

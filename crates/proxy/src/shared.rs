@@ -87,6 +87,11 @@ impl Shared {
         self.config.load_full()
     }
 
+    /// Whether `cfg` is still the current config (no reload since it was read).
+    pub fn config_is(&self, cfg: &Arc<Config>) -> bool {
+        Arc::ptr_eq(&self.config.load(), cfg)
+    }
+
     /// Swaps the config (reload).
     pub fn set_config(&self, cfg: Config) {
         self.config.store(Arc::new(cfg));

@@ -17,11 +17,12 @@ pub enum Stream {
 }
 
 impl Stream {
-    /// Reads without waiting: `Ok(0)` is EOF, `WouldBlock` means nothing is pending.
-    pub fn try_read(&self, buf: &mut [u8]) -> io::Result<usize> {
+    /// Reads without waiting, appending to `buf`: `Ok(0)` is EOF (or a full `buf`),
+    /// `WouldBlock` means nothing is pending.
+    pub fn try_read_buf(&self, buf: &mut bytes::BytesMut) -> io::Result<usize> {
         match self {
-            Stream::Tcp(s) => s.try_read(buf),
-            Stream::Unix(s) => s.try_read(buf),
+            Stream::Tcp(s) => s.try_read_buf(buf),
+            Stream::Unix(s) => s.try_read_buf(buf),
         }
     }
 }

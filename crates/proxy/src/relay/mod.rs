@@ -137,9 +137,9 @@ pub struct Relay {
     /// A client message was handled: the transaction has begun.
     pub started: bool,
     /// Raw client messages of the extended-protocol batch being sent (since the last Sync).
-    batch: Vec<Bytes>,
+    batch: Batch,
     /// The batch's messages once its Sync went out, kept for a retry after DDL.
-    sent_batch: Vec<Bytes>,
+    sent_batch: Batch,
     /// Server status when the current batch began.
     batch_start: Option<TransactionStatus>,
     /// An Execute of the current batch has already answered (a retry would repeat it).
@@ -162,6 +162,43 @@ pub struct Relay {
     pending_changes: Vec<SessionChange>,
     /// How the last transaction block ended: COMMIT (true) or ROLLBACK (false).
     block_end: Option<bool>,
+}
+
+/// Whole client messages kept back to back in one buffer: copying a batch's few hundred bytes
+/// costs less than reference-counting each message.
+#[derive(Debug, Default, Clone)]
+struct Batch {
+    bytes: Vec<u8>,
+    /// Where each message ends in `bytes`.
+    ends: Vec<usize>,
+}
+
+impl Batch {
+    fn push(&mut self, raw: &[u8]) {
+        self.bytes.extend_from_slice(raw);
+        self.ends.push(self.bytes.len());
+    }
+
+    fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.ends.is_empty()
+    }
+
+    fn clear(&mut self) {
+        self.bytes.clear();
+        self.ends.clear();
+    }
+
+    /// The messages from index `from` on (none when `from` is past the end).
+    fn from(&self, from: usize) -> impl Iterator<Item = &[u8]> {
+        (from..self.ends.len()).map(|i| {
+            let start = if i == 0 { 0 } else { self.ends[i - 1] };
+            &self.bytes[start..self.ends[i]]
+        })
+    }
 }
 
 impl Relay {
@@ -260,7 +297,7 @@ impl Relay {
     pub fn client_message(
         &mut self,
         header: Header,
-        raw: Bytes,
+        raw: &[u8],
         client: &mut ClientSide<'_>,
         server: &mut ServerConn,
         to_server: &mut BytesMut,
@@ -277,7 +314,7 @@ impl Relay {
                 self.batch_start = Some(server_status);
                 self.executed = false;
             }
-            self.batch.push(raw.clone());
+            self.batch.push(raw);
         }
         match tag {
             b'S' => {
@@ -306,7 +343,7 @@ impl Relay {
                     });
                     self.queue.push_back(Entry::Execute { stmt: None });
                 }
-                to_server.extend_from_slice(&raw);
+                to_server.extend_from_slice(raw);
                 self.queue.push_back(Entry::Sync);
                 // Keep both vectors' memory: the finished batch becomes the sent one.
                 std::mem::swap(&mut self.sent_batch, &mut self.batch);
@@ -331,7 +368,7 @@ impl Relay {
                         server.broken = true;
                     }
                 }
-                to_server.extend_from_slice(&raw);
+                to_server.extend_from_slice(raw);
                 self.queue.push_back(Entry::Query {
                     swallow: false,
                     set,
@@ -339,7 +376,7 @@ impl Relay {
                 });
             }
             b'F' => {
-                to_server.extend_from_slice(&raw);
+                to_server.extend_from_slice(raw);
                 self.queue.push_back(Entry::Query {
                     swallow: false,
                     set: None,
@@ -348,13 +385,13 @@ impl Relay {
             }
             b'P' | b'B' | b'D' | b'C' => {
                 self.unsynced = true;
-                if let Some(entry) = self.unnamed_passthrough(tag, &raw) {
+                if let Some(entry) = self.unnamed_passthrough(tag, raw) {
                     // Unnamed statement or portal: nothing to rename, forward the bytes as is.
-                    to_server.extend_from_slice(&raw);
+                    to_server.extend_from_slice(raw);
                     self.queue.push_back(entry);
                     return;
                 }
-                let mut buf = BytesMut::from(&raw[..]);
+                let mut buf = BytesMut::from(raw);
                 match FrontendMessage::decode(&mut buf, u32::MAX) {
                     Ok(Some(msg)) => self.extended(msg, client, server, to_server, to_client),
                     _ => {
@@ -369,23 +406,23 @@ impl Relay {
             b'E' => {
                 self.unsynced = true;
                 self.queries += 1;
-                to_server.extend_from_slice(&raw);
+                to_server.extend_from_slice(raw);
                 self.queue.push_back(Entry::Execute {
                     stmt: self.last_bind.clone(),
                 });
             }
             b'H' => {
-                to_server.extend_from_slice(&raw);
+                to_server.extend_from_slice(raw);
             }
             b'd' => {
-                to_server.extend_from_slice(&raw);
+                to_server.extend_from_slice(raw);
             }
             b'c' | b'f' => {
                 self.copy_in = false;
-                to_server.extend_from_slice(&raw);
+                to_server.extend_from_slice(raw);
             }
             _ => {
-                to_server.extend_from_slice(&raw);
+                to_server.extend_from_slice(raw);
             }
         }
     }

@@ -2,6 +2,7 @@
 //! requests, with error skipping, undo, and the retry after a stale cached plan.
 
 use super::*;
+use bytes::Buf;
 
 impl Relay {
     /// Processes server output in `server.rbuf`, appending what the client should see to
@@ -13,21 +14,36 @@ impl Relay {
         to_client: &mut BytesMut,
         max_len: u32,
     ) -> Result<ServerEvents, String> {
+        // Messages are handled in place; the buffer is out of `server` meanwhile.
+        let mut rbuf = std::mem::take(&mut server.rbuf);
+        let out = self.server_messages(&mut rbuf, client, server, to_client, max_len);
+        server.rbuf = rbuf;
+        out
+    }
+
+    fn server_messages(
+        &mut self,
+        rbuf: &mut BytesMut,
+        client: &mut ClientSide<'_>,
+        server: &mut ServerConn,
+        to_client: &mut BytesMut,
+        max_len: u32,
+    ) -> Result<ServerEvents, String> {
         let mut ev = ServerEvents::default();
         loop {
             if self.streaming > 0 {
-                let n = self.streaming.min(server.rbuf.len());
+                let n = self.streaming.min(rbuf.len());
                 if n == 0 {
                     return Ok(ev);
                 }
-                let chunk = server.rbuf.split_to(n);
                 if !self.streaming_swallow {
-                    to_client.extend_from_slice(&chunk);
+                    to_client.extend_from_slice(&rbuf[..n]);
                 }
+                rbuf.advance(n);
                 self.streaming -= n;
                 continue;
             }
-            let header = match frontend::peek_header(&server.rbuf) {
+            let header = match frontend::peek_header(rbuf) {
                 Ok(Some(h)) => h,
                 Ok(None) => return Ok(ev),
                 Err(e) => return Err(e.to_string()),
@@ -46,12 +62,19 @@ impl Relay {
                     header.len
                 ));
             }
-            if server.rbuf.len() < total {
-                server.rbuf.reserve(total - server.rbuf.len());
+            if rbuf.len() < total {
+                rbuf.reserve(total - rbuf.len());
                 return Ok(ev);
             }
-            let raw = server.rbuf.split_to(total).freeze();
-            self.server_message(header.tag, raw, client, server, to_client, &mut ev);
+            self.server_message(
+                header.tag,
+                &rbuf[..total],
+                client,
+                server,
+                to_client,
+                &mut ev,
+            );
+            rbuf.advance(total);
         }
     }
 
@@ -62,7 +85,7 @@ impl Relay {
     fn server_message(
         &mut self,
         tag: u8,
-        raw: Bytes,
+        raw: &[u8],
         client: &mut ClientSide<'_>,
         server: &mut ServerConn,
         to_client: &mut BytesMut,
@@ -200,7 +223,7 @@ impl Relay {
             _ => {}
         }
         if forward {
-            to_client.extend_from_slice(&raw);
+            to_client.extend_from_slice(raw);
         }
         self.drain_synth(to_client);
     }
@@ -302,8 +325,10 @@ impl Relay {
             // Describing a statement executes nothing: always safe to replay.
             Some(Entry::Describe { stmt: Some(_), at }) if *at != usize::MAX => Some(*at),
             Some(Entry::Bind { stmt: Some(_), at }) if *at != usize::MAX => {
-                let rest = self.sent_batch.get(*at..)?;
-                let describes = rest.iter().any(|m| m.first() == Some(&b'D'));
+                if *at > self.sent_batch.len() {
+                    return None;
+                }
+                let describes = self.sent_batch.from(*at).any(|m| m.first() == Some(&b'D'));
                 describes.then_some(*at)
             }
             _ => None,
@@ -317,19 +342,16 @@ impl Relay {
         server: &mut ServerConn,
         to_client: &mut BytesMut,
     ) {
-        let msgs: Vec<Bytes> = self
-            .sent_batch
-            .get(from..)
-            .map(<[Bytes]>::to_vec)
-            .unwrap_or_default();
+        // Replaying refills the batch, so work from a copy (a rare path).
+        let msgs = self.sent_batch.clone();
         if let Some(stale) = self.invalidated.take() {
             // The replay describes the result, so this client moves to the fresh statement.
             client.statements.refresh(&stale, client.registry);
         }
         let mut up = std::mem::take(&mut self.upstream);
         self.close_orphans(server, &mut up);
-        for raw in msgs {
-            let Ok(Some(header)) = frontend::peek_header(&raw) else {
+        for raw in msgs.from(from) {
+            let Ok(Some(header)) = frontend::peek_header(raw) else {
                 continue;
             };
             let status = server.status;

@@ -63,7 +63,7 @@ fn send(
         let status = s.status;
         relay.client_message(
             header,
-            raw.freeze(),
+            &raw,
             &mut side,
             s,
             &mut to_server,

@@ -240,6 +240,7 @@ pub(super) async fn startup(
         _counted: counted,
         relay: Relay::default(),
         to_server: BytesMut::with_capacity(4096),
+        settings: Settings::resolve(shared.config(), &user),
     };
     // Learn the server's parameters and validate the client's own on a real connection.
     if let Err(f) = session.prepare_params(io, &mut client_params).await {

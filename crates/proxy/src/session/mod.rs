@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tracing::{debug, info, warn};
+use tracing::{debug, info, warn, Instrument};
 
 use sluice_policy::{
     ClientFacts, CompletionFacts, ConnectDecision, Hook, Outcome, TransactionDecision,
@@ -64,12 +64,22 @@ pub async fn run(shared: Arc<Shared>, stream: Stream, peer: Option<SocketAddr>) 
     let start = Instant::now();
     let login_timeout = shared.config().sluice.client_login_timeout;
     let hard_stop = shared.hard_stop.clone();
+    // The span gives login's events their context. Serving runs outside it: entering a span
+    // on every poll costs more than the relay itself, and the events there name the client.
+    let span = tracing::info_span!(
+        "client",
+        peer = ?peer,
+        client.id = tracing::field::Empty,
+        user = tracing::field::Empty,
+        db = tracing::field::Empty,
+    );
     let login = async {
         tokio::select! {
             r = startup(&shared, &mut io, peer) => r,
             _ = hard_stop.cancelled() => Err(End::Terminated),
         }
-    };
+    }
+    .instrument(span);
     let startup = match login_timeout {
         Some(t) => match tokio::time::timeout(t, login).await {
             Ok(r) => r,
@@ -131,11 +141,45 @@ pub struct Session {
     /// Relay state and upstream buffer, kept between transactions to reuse their memory.
     relay: Relay,
     to_server: BytesMut,
+    /// The settings read on every transaction, resolved once per config generation.
+    settings: Settings,
+}
+
+/// A session's view of the config: the settings its hot path reads, resolved for its user.
+struct Settings {
+    cfg: Arc<sluice_config::Config>,
+    max_packet_size: u32,
+    client_idle_timeout: Option<Duration>,
+    idle_transaction_timeout: Option<Duration>,
+}
+
+impl Settings {
+    fn resolve(cfg: Arc<sluice_config::Config>, user: &str) -> Self {
+        let per_user = cfg.users.get(user);
+        Settings {
+            max_packet_size: cfg.sluice.max_packet_size,
+            client_idle_timeout: per_user
+                .and_then(|u| u.client_idle_timeout)
+                .unwrap_or(cfg.sluice.client_idle_timeout),
+            idle_transaction_timeout: per_user
+                .and_then(|u| u.idle_transaction_timeout)
+                .unwrap_or(cfg.sluice.idle_transaction_timeout),
+            cfg,
+        }
+    }
 }
 
 type ServerGuard = Guard<ServerConnector>;
 
 impl Session {
+    /// The current settings, re-resolved after a reload.
+    fn settings(&mut self) -> &Settings {
+        if !self.shared.config_is(&self.settings.cfg) {
+            self.settings = Settings::resolve(self.shared.config(), &self.info.user);
+        }
+        &self.settings
+    }
+
     fn close(&self) {
         self.shared.cancels.unregister(self.cancel.pid);
         self.shared.clients.unregister(self.info.id);
@@ -151,11 +195,12 @@ impl Session {
         io: &mut ClientIo,
         login: bool,
     ) -> Result<ServerGuard, ErrorFields> {
-        let cfg = self.shared.config();
         if let Some((key, rate)) = &self.rate {
             // Token bucket: wait for a token, but never longer than the wait budget.
             let wait = self.shared.rates.reserve(key, rate.per_sec, rate.burst);
-            let budget = cfg
+            let budget = self
+                .shared
+                .config()
                 .query_wait_timeout(&self.info.db, &self.info.user)
                 .unwrap_or(Duration::MAX);
             if wait > budget {
@@ -191,7 +236,7 @@ impl Session {
         let mut notify = if login {
             None
         } else {
-            cfg.sluice.query_wait_notify
+            self.shared.config().sluice.query_wait_notify
         };
         let started = Instant::now();
         let result = loop {
@@ -259,11 +304,16 @@ impl Session {
     }
 
     async fn serve_inner(&mut self, io: &mut ClientIo) -> End {
+        // Waited on between transactions for the whole session: registering once is cheaper
+        // than once per transaction.
         let shutdown = self.shared.shutdown.clone();
         let kill = self.info.kill.clone();
+        let shutdown_requested = shutdown.cancelled();
+        let killed = kill.cancelled();
+        tokio::pin!(shutdown_requested, killed);
         loop {
             // Handle what needs no server connection; stop at the first message that does.
-            let max = self.shared.config().sluice.max_packet_size;
+            let max = self.settings().max_packet_size;
             loop {
                 let header = match frontend::peek_header(&io.rbuf) {
                     Ok(Some(h)) => h,
@@ -306,13 +356,7 @@ impl Session {
                     Err(end) => return end,
                 }
             }
-            let idle_timeout = {
-                let cfg = self.shared.config();
-                cfg.users
-                    .get(&self.info.user)
-                    .and_then(|u| u.client_idle_timeout)
-                    .unwrap_or(cfg.sluice.client_idle_timeout)
-            };
+            let idle_timeout = self.settings().client_idle_timeout;
             let idle = async {
                 match idle_timeout {
                     Some(t) => tokio::time::sleep(t).await,
@@ -324,8 +368,8 @@ impl Session {
                     Ok(()) => {}
                     Err(_) => return End::Client,
                 },
-                _ = shutdown.cancelled() => return End::Terminated,
-                _ = kill.cancelled() => return End::Terminated,
+                _ = &mut shutdown_requested => return End::Terminated,
+                _ = &mut killed => return End::Terminated,
                 _ = idle => {
                     io.send_error(&ErrorFields::fatal(SqlState::IDLE_SESSION_TIMEOUT, "client_idle_timeout: closing idle client connection")).await;
                     return End::Timeout("client_idle_timeout");
@@ -482,16 +526,17 @@ impl Session {
                 .queries
                 .fetch_add(r.queries, Ordering::Relaxed);
         }
+        let took = started.elapsed();
         if policy.wants(Hook::Complete) {
             policy.on_complete(&CompletionFacts {
                 cookies: &self.cookies,
                 class: &self.class_name,
-                duration_us: started.elapsed().as_micros() as u64,
+                duration_us: took.as_micros() as u64,
                 wait_us: waited.as_micros() as u64,
                 outcome,
             });
         }
-        self.shared.stats.record_tx(started.elapsed(), waited);
+        self.shared.stats.record_tx(took, waited);
         match result {
             Ok(relay) => {
                 self.relay = relay;

@@ -11,22 +11,30 @@ impl Session {
         guard: &mut ServerGuard,
         timeout_ms: Option<u32>,
     ) -> Result<Relay, End> {
-        let cfg = self.shared.config();
-        let max = cfg.sluice.max_packet_size;
-        let idle_tx = self.user_idle_tx(&cfg);
+        let Settings {
+            max_packet_size: max,
+            idle_transaction_timeout: idle_tx,
+            ..
+        } = *self.settings();
         let server: &mut ServerConn = guard;
         let mut relay = std::mem::take(&mut self.relay);
         relay.reset();
         let mut to_server = std::mem::take(&mut self.to_server);
         to_server.clear();
         relay.close_orphans(server, &mut to_server);
-        if server.params_for != Some((self.info.id, self.params.epoch())) {
+        if !server
+            .params_for
+            .as_ref()
+            .is_some_and(|w| self.params.matches(w))
+        {
             if let Some(sql) = self.params.diff(&server.params, &mut server.applied) {
                 relay.inject_query(&sql, &mut to_server);
             }
         }
         let _ = timeout_ms;
-        let kill = self.info.kill.clone();
+        // Registered once for the whole transaction, not once per wake-up.
+        let killed = self.info.kill.cancelled();
+        tokio::pin!(killed);
         let mut statements = 0u32;
         loop {
             // Forward every whole client message.
@@ -55,14 +63,16 @@ impl Session {
                 if relay.started && relay.done(server) {
                     break;
                 }
-                let raw = io.rbuf.split_to(header.total_len()).freeze();
+                let total = header.total_len();
                 let status = server.status;
                 if matches!(header.tag, b'Q' | b'P') {
                     statements += 1;
                     // The first statement was judged before checkout; later ones here.
                     if statements > 1 && self.shared.policy.wants(Hook::Query) {
-                        if let Some(r) = self.judge_statement(&raw, header.tag, status) {
+                        if let Some(r) = self.judge_statement(&io.rbuf[..total], header.tag, status)
+                        {
                             relay.reject_statement(header.tag, r, &mut to_server);
+                            io.rbuf.advance(total);
                             continue;
                         }
                     }
@@ -75,13 +85,14 @@ impl Session {
                 };
                 relay.client_message(
                     header,
-                    raw,
+                    &io.rbuf[..total],
                     &mut side,
                     server,
                     &mut to_server,
                     &mut io.wbuf,
                     status,
                 );
+                io.rbuf.advance(total);
             }
             // Write what we can right away: most of the time the sockets take it all and the
             // loop waits only for the next answer, not for writability.
@@ -108,7 +119,13 @@ impl Session {
                 }
             }
             if relay.started && relay.done(server) && to_server.is_empty() {
-                server.params_for = Some((self.info.id, self.params.epoch()));
+                if !server
+                    .params_for
+                    .as_ref()
+                    .is_some_and(|w| Arc::ptr_eq(w, self.params.wishes()))
+                {
+                    server.params_for = Some(self.params.wishes().clone());
+                }
                 if !io.wbuf.is_empty() {
                     io.flush().await.map_err(|_| End::Client)?;
                 }
@@ -185,7 +202,7 @@ impl Session {
                     io.send_error(&ErrorFields::fatal(SqlState::IDLE_IN_TRANSACTION_SESSION_TIMEOUT, "idle_transaction_timeout: terminating connection due to idle-in-transaction timeout")).await;
                     return Err(End::Timeout("idle_transaction_timeout"));
                 }
-                _ = kill.cancelled() => return Err(End::Terminated),
+                _ = &mut killed => return Err(End::Terminated),
             }
         }
     }
@@ -238,13 +255,6 @@ impl Session {
                 Some(ErrorFields::error(code, r.message))
             }
         }
-    }
-
-    pub(super) fn user_idle_tx(&self, cfg: &sluice_config::Config) -> Option<Duration> {
-        cfg.users
-            .get(&self.info.user)
-            .and_then(|u| u.idle_transaction_timeout)
-            .unwrap_or(cfg.sluice.idle_transaction_timeout)
     }
 }
 
