@@ -44,7 +44,7 @@ fn cache_dir() -> PathBuf {
 
 /// `tests/drivers/`.
 pub fn drivers_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("drivers")
+    super::sluice::crate_dir().join("drivers")
 }
 
 fn env_path(var: &str, default: PathBuf) -> PathBuf {

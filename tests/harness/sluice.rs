@@ -475,9 +475,17 @@ pub fn plugin_path(name: &str) -> Result<PathBuf> {
     Ok(path)
 }
 
+/// This crate's directory, read at run time (cargo sets it for tests): the compile-time value
+/// is stale when a shared target dir holds a binary built from another checkout.
+pub fn crate_dir() -> PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into())
+        .into()
+}
+
 /// The repository root (the parent of this crate's directory).
 pub fn workspace_root() -> PathBuf {
-    let tests = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let tests = crate_dir();
     tests.parent().map(PathBuf::from).unwrap_or(tests)
 }
 

@@ -5,9 +5,17 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
-/// The `plugins/` workspace of this repository.
+/// The `plugins/` workspace of this repository: found above the running test's package
+/// directory (cargo sets it at run time), since the compile-time path is stale when a shared
+/// target dir holds a binary built from another checkout.
 pub fn plugins_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../plugins")
+    let runtime = std::env::var_os("CARGO_MANIFEST_DIR").map(PathBuf::from);
+    runtime
+        .iter()
+        .flat_map(|d| d.ancestors())
+        .map(|d| d.join("plugins"))
+        .find(|p| p.join("Cargo.toml").is_file())
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../plugins"))
 }
 
 /// Where the plugins are built: `$SLUICE_PLUGINS_TARGET_DIR`, else

@@ -26,9 +26,13 @@ fn parse_err(text: &str) -> ConfigError {
 }
 
 fn repo_file(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../config")
-        .join(name)
+    std::path::PathBuf::from(
+        // At run time (cargo sets it for tests): the compile-time value is stale when a shared
+        // target dir holds a binary built from another checkout.
+        std::env::var_os("CARGO_MANIFEST_DIR").unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into()),
+    )
+    .join("../../config")
+    .join(name)
 }
 
 const SECS: fn(u64) -> Duration = Duration::from_secs;
