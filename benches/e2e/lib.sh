@@ -251,6 +251,7 @@ listen_port = $SLUICE_PORT
 pool_mode = "transaction"
 default_pool_size = $POOL_SIZE
 max_client_conn = $MAX_CLIENT_CONN
+workers = ${SLUICE_WORKERS:-1}
 
 [databases.$APP_DB]
 host = "127.0.0.1"

@@ -103,7 +103,8 @@ type Reply<C, E> = oneshot::Sender<Result<Handoff<C>, CheckoutError<E>>>;
 type Receipt<C, E> = oneshot::Receiver<Result<Handoff<C>, CheckoutError<E>>>;
 
 struct Slot<C> {
-    conn: C,
+    /// Boxed: a slot moves in and out of the idle list and guards on every transaction.
+    conn: Box<C>,
     created: Instant,
     generation: u64,
     _permits: Vec<Permit>,
@@ -605,7 +606,7 @@ impl<K: Connector> Inner<K> {
                     st.connects += 1;
                     st.last_connect_error = None;
                     let slot = Slot {
-                        conn,
+                        conn: Box::new(conn),
                         created: now(),
                         generation: st.generation,
                         _permits: permits,
@@ -613,7 +614,7 @@ impl<K: Connector> Inner<K> {
                     if st.closed {
                         closing.push(slot);
                     } else {
-                        self.place(&mut st, slot, &mut closing);
+                        self.place(&mut st, slot, &mut closing, now());
                     }
                 }
                 Err(e) => {
@@ -646,9 +647,10 @@ impl<K: Connector> Inner<K> {
         st: &mut State<K::Conn, K::Error>,
         slot: Slot<K::Conn>,
         closing: &mut Closing<K::Conn>,
+        now: Instant,
     ) {
         if !st.paused {
-            if let Some((tx, grant, waited)) = st.sched.pick(now()) {
+            if let Some((tx, grant, waited)) = st.sched.pick(now) {
                 self.hand(st, tx, slot, grant, waited, closing);
                 return;
             }
@@ -658,7 +660,7 @@ impl<K: Connector> Inner<K> {
             closing.push(slot);
             return;
         }
-        st.idle.push(IdleConn { slot, since: now() });
+        st.idle.push(IdleConn { slot, since: now });
     }
 
     fn hand(
@@ -682,7 +684,7 @@ impl<K: Connector> Inner<K> {
             // The waiter vanished between pick and send: undo and keep the connection.
             st.sched.release(&h.grant);
             st.checkouts -= 1;
-            self.place(st, h.slot, closing);
+            self.place(st, h.slot, closing, now());
         }
     }
 
@@ -691,16 +693,17 @@ impl<K: Connector> Inner<K> {
         {
             let mut st = self.state.lock();
             st.sched.release(grant);
+            let now = now();
             let expired = st
                 .settings
                 .lifetime
-                .is_some_and(|t| now().saturating_duration_since(slot.created) >= t);
+                .is_some_and(|t| now.saturating_duration_since(slot.created) >= t);
             let oversize =
                 st.sched.active() + st.idle.len() as u32 + st.connecting > st.settings.size;
             if !reusable || expired || oversize || st.closed || slot.generation != st.generation {
                 closing.push(slot);
             } else {
-                self.place(&mut st, slot, &mut closing);
+                self.place(&mut st, slot, &mut closing, now);
             }
             self.fill(&mut st, &mut closing);
             if st.sched.active() == 0 {
@@ -713,7 +716,7 @@ impl<K: Connector> Inner<K> {
     fn close_all(&self, closing: Closing<K::Conn>) {
         for slot in closing {
             let Slot { conn, _permits, .. } = slot;
-            self.connector.close(conn);
+            self.connector.close(*conn);
             drop(_permits);
         }
     }

@@ -352,9 +352,13 @@ impl Relay {
             b'Q' => {
                 self.queries += 1;
                 let body = &raw[5..];
-                let text =
-                    std::str::from_utf8(body.strip_suffix(&[0]).unwrap_or(body)).unwrap_or("");
-                let special = may_be_session_command(text);
+                let body = body.strip_suffix(&[0]).unwrap_or(body);
+                // Only queries that may change session state are decoded and looked at.
+                let text = may_be_session_command(body)
+                    .then(|| std::str::from_utf8(body).ok())
+                    .flatten();
+                let special = text.is_some();
+                let text = text.unwrap_or_default();
                 if special && self.local_query(text, client, to_client, server_status) {
                     return;
                 }
@@ -497,18 +501,14 @@ fn raise_sql(err: &ErrorFields) -> String {
 
 /// A cheap filter before lexing: only DEALLOCATE, DISCARD, SET and RESET (or a leading comment)
 /// can be session commands.
-fn may_be_session_command(text: &str) -> bool {
-    let t = text.trim_start();
-    if t.starts_with("--") || t.starts_with("/*") {
+fn may_be_session_command(text: &[u8]) -> bool {
+    let t = text.trim_ascii_start();
+    if t.starts_with(b"--") || t.starts_with(b"/*") {
         return true;
     }
-    let word = t
-        .as_bytes()
-        .iter()
-        .take_while(|b| b.is_ascii_alphabetic())
-        .count();
+    let word = t.iter().take_while(|b| b.is_ascii_alphabetic()).count();
     let first = &t[..word];
-    ["set", "reset", "deallocate", "discard"]
+    [&b"set"[..], b"reset", b"deallocate", b"discard"]
         .iter()
         .any(|k| first.eq_ignore_ascii_case(k))
 }

@@ -238,7 +238,7 @@ pub(super) async fn startup(
         cookies: admission.cookies,
         class_name,
         _counted: counted,
-        relay: Relay::default(),
+        relay: None,
         to_server: BytesMut::with_capacity(4096),
         settings: Settings::resolve(shared.config(), &user),
     };

@@ -139,7 +139,7 @@ pub struct Session {
     class_name: String,
     _counted: Counted,
     /// Relay state and upstream buffer, kept between transactions to reuse their memory.
-    relay: Relay,
+    relay: Option<Box<Relay>>,
     to_server: BytesMut,
     /// The settings read on every transaction, resolved once per config generation.
     settings: Settings,
@@ -364,6 +364,7 @@ impl Session {
                 }
             };
             tokio::select! {
+                biased;
                 r = io.fill() => match r {
                     Ok(()) => {}
                     Err(_) => return End::Client,
@@ -539,7 +540,7 @@ impl Session {
         self.shared.stats.record_tx(took, waited);
         match result {
             Ok(relay) => {
-                self.relay = relay;
+                self.relay = Some(relay);
                 self.release(guard);
                 Ok(())
             }

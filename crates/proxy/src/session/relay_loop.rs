@@ -10,14 +10,14 @@ impl Session {
         io: &mut ClientIo,
         guard: &mut ServerGuard,
         timeout_ms: Option<u32>,
-    ) -> Result<Relay, End> {
+    ) -> Result<Box<Relay>, End> {
         let Settings {
             max_packet_size: max,
             idle_transaction_timeout: idle_tx,
             ..
         } = *self.settings();
         let server: &mut ServerConn = guard;
-        let mut relay = std::mem::take(&mut self.relay);
+        let mut relay = self.relay.take().unwrap_or_default();
         relay.reset();
         let mut to_server = std::mem::take(&mut self.to_server);
         to_server.clear();
