@@ -125,6 +125,18 @@ impl Drop for Counted {
     }
 }
 
+/// The message for a client refused by the limit `setting` on counted `key` ("db:NAME", ...).
+fn refusal(key: &str, max: u32, setting: &str) -> String {
+    let (kind, subject) = key.split_once(':').unwrap_or(("", key));
+    match kind {
+        "db" => format!("{setting} ({max}) reached for database \"{subject}\""),
+        "user" => format!("{setting} ({max}) reached for user \"{subject}\""),
+        "app" => format!("{setting} ({max}) reached for application \"{subject}\""),
+        "addr" => format!("{setting} ({max}) reached for address {subject}"),
+        _ => format!("too many client connections for \"{subject}\" (policy limit {max})"),
+    }
+}
+
 impl Clients {
     fn decrement(&self, key: &str) {
         if let Some(mut c) = self.counts.get_mut(key) {
@@ -161,54 +173,40 @@ impl Clients {
             .get(user)
             .and_then(|u| u.max_user_client_connections)
             .unwrap_or(g.max_user_client_connections);
-        let mut wanted: Vec<(String, u32, String)> = vec![
-            (
-                format!("db:{db}"),
-                db_max,
-                format!("max_db_client_connections ({db_max}) reached for database \"{db}\""),
-            ),
+        // (counted key, limit, what the limit is called); refusal messages are built only
+        // when a limit is hit.
+        let mut wanted: Vec<(String, u32, &str)> = vec![
+            (format!("db:{db}"), db_max, "max_db_client_connections"),
             (
                 format!("user:{user}"),
                 user_max,
-                format!("max_user_client_connections ({user_max}) reached for user \"{user}\""),
+                "max_user_client_connections",
             ),
             (
                 format!("app:{app}"),
                 g.max_app_client_connections,
-                format!(
-                    "max_app_client_connections ({}) reached for application \"{app}\"",
-                    g.max_app_client_connections
-                ),
+                "max_app_client_connections",
             ),
         ];
         if let Some(a) = addr {
-            let ip = a.ip();
             wanted.push((
-                format!("addr:{ip}"),
+                format!("addr:{}", a.ip()),
                 g.max_addr_client_connections,
-                format!(
-                    "max_addr_client_connections ({}) reached for address {ip}",
-                    g.max_addr_client_connections
-                ),
+                "max_addr_client_connections",
             ));
         }
         if let Some(k) = policy_key {
-            let m = policy_max.unwrap_or(0);
-            wanted.push((
-                format!("key:{k}"),
-                m,
-                format!("too many client connections for \"{k}\" (policy limit {m})"),
-            ));
+            wanted.push((format!("key:{k}"), policy_max.unwrap_or(0), "policy"));
         }
         let mut taken = Counted {
             clients: self.clone(),
             keys: Vec::new(),
         };
-        for (key, max, msg) in wanted {
+        for (key, max, setting) in wanted {
             let mut c = self.counts.entry(key.clone()).or_insert(0);
             if max != 0 && *c >= max {
                 drop(c);
-                return Err(msg);
+                return Err(refusal(&key, max, setting));
             }
             *c += 1;
             drop(c);

@@ -120,7 +120,12 @@ impl ClientParams {
 
     /// A literal wish by name.
     pub fn get(&self, name: &str) -> Option<&str> {
-        match self.desired.get(&name.to_ascii_lowercase()) {
+        let found = if name.bytes().any(|b| b.is_ascii_uppercase()) {
+            self.desired.get(&name.to_ascii_lowercase())
+        } else {
+            self.desired.get(name)
+        };
+        match found {
             Some((_, ParamValue::Literal(v))) => Some(v),
             _ => None,
         }

@@ -24,7 +24,7 @@ pub struct PoolEntry {
     /// Client user name.
     pub user: String,
     /// ParameterStatus values of the server, shown to clients at login.
-    pub welcome: RwLock<Option<Vec<(String, String)>>>,
+    pub welcome: RwLock<Option<Arc<Vec<(String, String)>>>>,
     /// Startup parameter values the server already accepted: (lowercase name, raw) -> normalised.
     pub validated: Mutex<HashMap<(String, String), Option<String>>>,
 }

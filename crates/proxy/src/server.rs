@@ -397,8 +397,14 @@ fn refused(body: &[u8]) -> ServerError {
 
 fn md5_hex(data: &[u8]) -> String {
     use md5::{Digest, Md5};
+    const HEX: &[u8; 16] = b"0123456789abcdef";
     let d = Md5::digest(data);
-    d.iter().map(|b| format!("{b:02x}")).collect()
+    let mut out = String::with_capacity(2 * d.len());
+    for b in d {
+        out.push(HEX[usize::from(b >> 4)] as char);
+        out.push(HEX[usize::from(b & 15)] as char);
+    }
+    out
 }
 
 /// Computes the md5 login answer from the stored hash `md5<hex>` and the server's salt.

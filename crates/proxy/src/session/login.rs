@@ -207,9 +207,6 @@ pub(super) async fn startup(
         })
     });
     let cancel = shared.cancels.register();
-    let span = tracing::Span::current();
-    span.record("user", user.as_str());
-    span.record("db", db.as_str());
     let info = shared.clients.register(ClientInfo::new(
         &user,
         &db,
@@ -219,7 +216,6 @@ pub(super) async fn startup(
         &class_name,
         shared.hard_stop.child_token(),
     ));
-    span.record("client.id", info.id);
     let mut session = Session {
         shared: shared.clone(),
         pool,
@@ -264,7 +260,7 @@ pub(super) async fn startup(
 impl Session {
     pub(super) fn welcome(&self, out: &mut BytesMut) {
         let welcome = self.pool.welcome.read().clone().unwrap_or_default();
-        for (k, v) in &welcome {
+        for (k, v) in welcome.iter() {
             let mine = self.params.get(k);
             let value = if k == "application_name" {
                 mine.unwrap_or("")
@@ -324,7 +320,7 @@ impl Session {
                 .map(|(k, v)| (canonical(k).to_string(), v.clone()))
                 .collect();
             welcome.sort();
-            *self.pool.welcome.write() = Some(welcome);
+            *self.pool.welcome.write() = Some(Arc::new(welcome));
         }
         if unchecked.is_empty() {
             return Ok(());
