@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 /// A parameter value as Sluice will send it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum ParamValue {
     /// A plain string (from a startup packet or a ParameterStatus): sent quoted.
     Literal(String),
@@ -103,6 +103,12 @@ impl ClientParams {
     /// The current wishes, to remember on the server session that now matches them.
     pub fn wishes(&self) -> &Arc<Wishes> {
         &self.desired
+    }
+
+    /// Shares the wishes with every other client that has equal ones (call once they are
+    /// settled, after login), so matching a server session is usually a pointer compare.
+    pub fn intern(&mut self) {
+        self.desired = intern(&self.desired);
     }
 
     /// Whether a server session that matched `other` already matches these wishes: the same
@@ -204,6 +210,54 @@ impl ClientParams {
     }
 }
 
+/// The one shared copy of each set of wishes in use, by content hash. Dead entries are swept
+/// whenever the table has doubled since the last sweep.
+fn intern(wishes: &Arc<Wishes>) -> Arc<Wishes> {
+    use std::hash::{BuildHasher, Hash, Hasher};
+    use std::sync::{OnceLock, Weak};
+    struct Table {
+        sets: HashMap<u64, Vec<Weak<Wishes>>>,
+        entries: usize,
+        sweep_at: usize,
+        hasher: std::hash::RandomState,
+    }
+    static TABLE: OnceLock<parking_lot::Mutex<Table>> = OnceLock::new();
+    let mut t = TABLE
+        .get_or_init(|| {
+            parking_lot::Mutex::new(Table {
+                sets: HashMap::new(),
+                entries: 0,
+                sweep_at: 64,
+                hasher: std::hash::RandomState::new(),
+            })
+        })
+        .lock();
+    let mut h = t.hasher.build_hasher();
+    wishes.hash(&mut h);
+    let key = h.finish();
+    if let Some(same) = t
+        .sets
+        .get(&key)
+        .into_iter()
+        .flatten()
+        .filter_map(Weak::upgrade)
+        .find(|w| **w == **wishes)
+    {
+        return same;
+    }
+    t.sets.entry(key).or_default().push(Arc::downgrade(wishes));
+    t.entries += 1;
+    if t.entries >= t.sweep_at {
+        t.sets.retain(|_, v| {
+            v.retain(|w| w.strong_count() > 0);
+            !v.is_empty()
+        });
+        t.entries = t.sets.values().map(Vec::len).sum();
+        t.sweep_at = (2 * t.entries).max(64);
+    }
+    wishes.clone()
+}
+
 /// Parses the startup `options` value: `-c name=value`, `--name=value`, backslash escapes.
 pub fn parse_options(options: &str) -> Result<Vec<(String, String)>, String> {
     let mut words = Vec::new();
@@ -257,6 +311,26 @@ pub fn parse_options(options: &str) -> Result<Vec<(String, String)>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn equal_wishes_are_shared_and_a_change_unshares_them() {
+        let startup = |app: &str| {
+            let mut p = ClientParams::from_startup(&[
+                ("application_name".into(), app.into()),
+                ("DateStyle".into(), "ISO".into()),
+            ])
+            .unwrap();
+            p.intern();
+            p
+        };
+        let (a, mut b, c) = (startup("web"), startup("web"), startup("scraper"));
+        assert!(Arc::ptr_eq(a.wishes(), b.wishes()));
+        assert!(!Arc::ptr_eq(a.wishes(), c.wishes()));
+        assert!(b.matches(a.wishes()) && !c.matches(a.wishes()));
+        b.set("search_path", ParamValue::Sql("app".into()));
+        assert!(!b.matches(a.wishes()));
+        assert_eq!(a.get("search_path"), None);
+    }
 
     #[test]
     fn options_are_parsed_like_postgres() {

@@ -244,6 +244,7 @@ pub(super) async fn startup(
         session.close();
         return Err(End::Refused(f.message));
     }
+    client_params.intern();
     session.params = client_params;
     backend::encode_auth_ok(&mut io.wbuf);
     session.welcome(&mut io.wbuf);
