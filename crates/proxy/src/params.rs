@@ -213,7 +213,7 @@ impl ClientParams {
 /// The one shared copy of each set of wishes in use, by content hash. Dead entries are swept
 /// whenever the table has doubled since the last sweep.
 fn intern(wishes: &Arc<Wishes>) -> Arc<Wishes> {
-    use std::hash::{BuildHasher, Hash, Hasher};
+    use std::hash::BuildHasher;
     use std::sync::{OnceLock, Weak};
     struct Table {
         sets: HashMap<u64, Vec<Weak<Wishes>>>,
@@ -232,9 +232,7 @@ fn intern(wishes: &Arc<Wishes>) -> Arc<Wishes> {
             })
         })
         .lock();
-    let mut h = t.hasher.build_hasher();
-    wishes.hash(&mut h);
-    let key = h.finish();
+    let key = t.hasher.hash_one(&**wishes);
     if let Some(same) = t
         .sets
         .get(&key)

@@ -15,6 +15,9 @@ use crate::server::{Credential, KeyCache, ServerAddr, ServerConnector, ServerSpe
 /// A pool of server connections.
 pub type ServerPool = Pool<ServerConnector>;
 
+/// The server's ParameterStatus values (canonical name, value), sorted, as sent to a new client.
+pub type Welcome = Vec<(String, String)>;
+
 /// One pool with what clients need to log in through it.
 pub struct PoolEntry {
     /// The pool.
@@ -24,7 +27,7 @@ pub struct PoolEntry {
     /// Client user name.
     pub user: String,
     /// ParameterStatus values of the server, shown to clients at login.
-    pub welcome: RwLock<Option<Arc<Vec<(String, String)>>>>,
+    pub welcome: RwLock<Option<Arc<Welcome>>>,
     /// Startup parameter values the server already accepted: (lowercase name, raw) -> normalised.
     pub validated: Mutex<HashMap<(String, String), Option<String>>>,
 }
