@@ -13,7 +13,8 @@
 #   --targets LIST     comma list of direct,pgbouncer,sluice (default all three; env TARGETS)
 #   --workloads LIST   comma list of workload names (default all; env WORKLOADS):
 #                      select-simple select-extended select-prepared tpcb connect-per-tx clients-400
-# Other env: SCALE (10), POOL_SIZE (20), SLUICE_BIN, PG_BIN, RESULTS_DIR (benches/results),
+# Other env: SCALE (10), POOL_SIZE (20), SLUICE_BIN, SLUICE_WORKERS (1, like PgBouncer's one
+#            thread), PG_BIN, RESULTS_DIR (benches/results),
 #            KEEP_WORK=1 keeps the temp dir (pgbench logs, pooler logs).
 # Run as root (PostgreSQL and PgBouncer are started as the postgres user). Needs ~5 free minutes
 # per round at the defaults.
@@ -152,8 +153,8 @@ done
     echo "# pgbench: direct vs PgBouncer vs Sluice — $stamp"
     echo
     echo "- git $(git_rev); $(nproc) CPUs; $("$PG_BIN/postgres" --version); $("$PGBOUNCER" --version 2>/dev/null | head -1)"
-    [[ ",$TARGETS," == *,sluice,* ]] && echo "- sluice: $SLUICE_BIN (built $(date -r "$SLUICE_BIN" '+%Y-%m-%d %H:%M'))"
-    echo "- each run: pgbench -n -T $DURATION -j $THREADS, -c $CLIENTS unless noted; $ROUNDS rounds, targets interleaved per workload"
+    [[ ",$TARGETS," == *,sluice,* ]] && echo "- sluice: $(basename "$SLUICE_BIN") binary (built $(date -r "$SLUICE_BIN" '+%Y-%m-%d %H:%M')), workers = ${SLUICE_WORKERS:-1}"
+    echo "- each run: pgbench -n -T $DURATION -j $THREADS, -c $CLIENTS unless noted; $ROUNDS rounds (the summary shows the median), targets interleaved per workload"
     echo "- pool size $POOL_SIZE (transaction mode, md5), PostgreSQL max_connections=$PG_MAX_CONNECTIONS, fsync off, scale $SCALE"
     echo "- pooler CPU µs/tx = (utime+stime ticks after − before) × 10⁶ / CLK_TCK($CLK_TCK) / transactions"
     echo "- workloads: select-* = -S -M simple/extended/prepared; tpcb = built-in TPC-B-like; connect-per-tx = -C -S (md5 login per transaction); clients-400 = -c 400 -S"

@@ -2,11 +2,13 @@
 """Markdown tables for pgbench-compare.sh from its CSV.
 
 Usage: results_table.py RESULTS.csv
-Prints a summary table (mean over rounds, per workload and target, in run order) followed by one
-row per run. CSV columns: workload,target,round,clients,tps,latency_ms,pooler_cpu_us_per_tx,
-transactions,errors,exit_code,note
+Prints a summary table (median over rounds, per workload and target, in run order: on a noisy
+machine one disturbed run moves a mean far more than a median) followed by one row per run.
+CSV columns: workload,target,round,clients,tps,latency_ms,pooler_cpu_us_per_tx,transactions,
+errors,exit_code,note
 """
 import csv
+import statistics
 import sys
 from collections import OrderedDict
 
@@ -18,9 +20,9 @@ def num(s):
         return None
 
 
-def mean(values):
+def median(values):
     vals = [v for v in values if v is not None]
-    return sum(vals) / len(vals) if vals else None
+    return statistics.median(vals) if vals else None
 
 
 def fmt(v, digits=1):
@@ -34,14 +36,14 @@ def main() -> None:
     for r in rows:
         groups.setdefault((r["workload"], r["target"]), []).append(r)
 
-    direct_tps = {w: mean(num(r["tps"]) for r in rs) for (w, t), rs in groups.items() if t == "direct"}
+    direct_tps = {w: median(num(r["tps"]) for r in rs) for (w, t), rs in groups.items() if t == "direct"}
     dagger = False
     print("| workload | target | TPS | vs direct | latency ms | pooler CPU µs/tx | errors | rounds | note |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---|")
     for (workload, target), rs in groups.items():
-        tps = mean(num(r["tps"]) for r in rs)
-        lat = mean(num(r["latency_ms"]) for r in rs)
-        cpu = mean(num(r["pooler_cpu_us_per_tx"]) for r in rs)
+        tps = median(num(r["tps"]) for r in rs)
+        lat = median(num(r["latency_ms"]) for r in rs)
+        cpu = median(num(r["pooler_cpu_us_per_tx"]) for r in rs)
         errors = sum(int(r["errors"] or 0) for r in rs)
         failed_runs = sum(1 for r in rs if r["exit_code"] not in ("0", ""))
         notes = sorted({r["note"] for r in rs if r["note"]})

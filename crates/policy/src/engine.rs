@@ -135,6 +135,12 @@ impl PolicyEngine {
         })
     }
 
+    /// Whether the epoch ticker is asleep (no plugin call for a while). For tests.
+    #[cfg(any(test, feature = "testing"))]
+    pub fn epoch_ticker_asleep(&self) -> bool {
+        self.runtime.get().is_some_and(Runtime::ticker_asleep)
+    }
+
     /// Whether any loaded plugin implements `hook`. One atomic load.
     pub fn wants(&self, hook: Hook) -> bool {
         self.wants.load(Ordering::Relaxed) & hook.bit() != 0

@@ -327,6 +327,39 @@ fn spin_times_out_fail_open_and_closed() {
 }
 
 #[test]
+fn spin_is_cut_off_after_the_epoch_ticker_went_to_sleep() {
+    let mut cfg = config(vec![plugin(
+        "spin",
+        plugin_path("spin"),
+        FailMode::Closed,
+        "",
+    )]);
+    cfg.deadline = Duration::from_millis(1);
+    let e = PolicyEngine::new(&cfg, &classes()).expect("load");
+    // No call for a while: the ticker stops waking every millisecond.
+    let waiting = Instant::now();
+    while !e.epoch_ticker_asleep() {
+        assert!(
+            waiting.elapsed() < Duration::from_secs(10),
+            "the epoch ticker never went to sleep"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // The next call wakes it, so a runaway plugin still meets its deadline.
+    let start = Instant::now();
+    let r = reject_tx(e.on_transaction(&tx(&[0], "default", "select 1", PoolSnapshot::default())));
+    assert_eq!(
+        r.message,
+        "policy plugin \"spin\" failed: deadline exceeded"
+    );
+    assert!(
+        start.elapsed() < Duration::from_millis(500),
+        "took {:?}",
+        start.elapsed()
+    );
+}
+
+#[test]
 fn membomb_hits_memory_limit() {
     let e = engine(vec![plugin(
         "membomb",
