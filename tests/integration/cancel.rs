@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use sluice_tests::harness::{ConfigBuilder, PgCluster, RawClient, SluiceHandle};
 use tokio_postgres::NoTls;
 
-use crate::util::{simple_value, sqlstate, superuser, wait_backends};
+use crate::util::{simple_value, sqlstate, superuser, wait_backends, wait_queued, with_stats};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn cancel_stops_only_the_target_query() {
@@ -87,5 +87,47 @@ async fn late_cancel_cancels_nothing() {
         .expect("B's query is not cancelled");
     assert_eq!(b_pid, a_pid, "B ran on the server connection A had used");
     assert_eq!(simple_value(&a, "select 'a-ok'").await, "a-ok");
+    sluice.shutdown().await;
+}
+
+/// On a pool of one held by A's open transaction, B waits for a server connection; B's cancel
+/// ends that wait with 57014. A cancel sent while B waited for nothing does not end B's next
+/// wait.
+#[tokio::test(flavor = "multi_thread")]
+async fn cancel_ends_a_wait_for_a_server_connection() {
+    let pg = PgCluster::shared();
+    let sluice = SluiceHandle::start(with_stats(ConfigBuilder::new(pg).pool_size(1))).await;
+    let a = sluice.connect("app", "appdb").await;
+    let b = std::sync::Arc::new(sluice.connect("app", "appdb").await);
+    let token = b.cancel_token();
+    // A cancel while B is idle: nothing to stop, and nothing stored for later.
+    token.cancel_query(NoTls).await.expect("send idle cancel");
+
+    a.batch_execute("begin").await.expect("a begins");
+    let waiting = {
+        let b = b.clone();
+        tokio::spawn(async move { b.simple_query("select 'b-1'").await })
+    };
+    wait_queued(&sluice, "appdb", "app", 1).await;
+    token.cancel_query(NoTls).await.expect("send cancel");
+    let r = tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .expect("B's wait ends soon after the cancel")
+        .expect("join");
+    let err = r.expect_err("B's wait is cancelled");
+    assert_eq!(sqlstate(&err), "57014", "{err}");
+
+    // B waits again; this time A commits and B gets the connection.
+    let again = {
+        let b = b.clone();
+        tokio::spawn(async move { simple_value(&b, "select 'b-2'").await })
+    };
+    wait_queued(&sluice, "appdb", "app", 1).await;
+    a.batch_execute("commit").await.expect("a commits");
+    let v = tokio::time::timeout(Duration::from_secs(10), again)
+        .await
+        .expect("B runs once A commits")
+        .expect("join");
+    assert_eq!(v, "b-2");
     sluice.shutdown().await;
 }

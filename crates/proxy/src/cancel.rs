@@ -6,12 +6,13 @@
 //! connection is not reused until forwarded cancels have finished, so a late cancel can never
 //! hit another client's query (the race PgBouncer fixed in its PR #717).
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
 use dashmap::DashMap;
+use futures_util::task::AtomicWaker;
 use parking_lot::Mutex;
 use rand::RngCore;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -65,8 +66,10 @@ pub struct CancelTarget {
     pub pid: u32,
     secret: [u8; 4],
     slot: Mutex<Option<Arc<Attached>>>,
-    /// Woken when a cancel arrives while the client waits for a server connection.
-    pub while_waiting: Notify,
+    /// Cancels that arrived while the client had no server connection, and the client's task
+    /// waiting for one (only that task waits, so no lock is needed).
+    unattached_cancels: AtomicU64,
+    waiter: AtomicWaker,
 }
 
 impl CancelTarget {
@@ -83,6 +86,29 @@ impl CancelTarget {
     /// Detaches; cancels arriving from now on are dropped.
     pub fn detach(&self) {
         *self.slot.lock() = None;
+    }
+
+    /// Completes when a cancel arrives after this call, while the client has no server
+    /// connection (it is waiting for one). Earlier cancels do not count.
+    pub fn cancelled_while_waiting(&self) -> impl std::future::Future<Output = ()> + '_ {
+        let seen = self.unattached_cancels.load(Ordering::SeqCst);
+        std::future::poll_fn(move |cx| {
+            if self.unattached_cancels.load(Ordering::SeqCst) != seen {
+                return std::task::Poll::Ready(());
+            }
+            self.waiter.register(cx.waker());
+            if self.unattached_cancels.load(Ordering::SeqCst) != seen {
+                std::task::Poll::Ready(())
+            } else {
+                std::task::Poll::Pending
+            }
+        })
+    }
+
+    /// A cancel arrived with no server connection attached: wakes a wait for one.
+    fn cancel_unattached(&self) {
+        self.unattached_cancels.fetch_add(1, Ordering::SeqCst);
+        self.waiter.wake();
     }
 }
 
@@ -107,7 +133,8 @@ impl CancelMap {
                 pid,
                 secret,
                 slot: Mutex::new(None),
-                while_waiting: Notify::new(),
+                unattached_cancels: AtomicU64::new(0),
+                waiter: AtomicWaker::new(),
             });
             match self.map.entry(pid) {
                 dashmap::Entry::Occupied(_) => continue,
@@ -141,7 +168,7 @@ impl CancelMap {
         };
         let Some(a) = attached else {
             // Wakes a client waiting for a server connection now; stores nothing for later.
-            target.while_waiting.notify_waiters();
+            target.cancel_unattached();
             return false;
         };
         let _ = tokio::time::timeout(timeout, forward(&a)).await;

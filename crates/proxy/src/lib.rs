@@ -130,6 +130,12 @@ impl Proxy {
             None => None,
         };
         shared.clone().tracker.spawn(maintenance(shared.clone()));
+        // Past the shutdown deadline every logged-in client goes (login watches it itself).
+        let s = shared.clone();
+        shared.tracker.spawn(async move {
+            s.hard_stop.cancelled().await;
+            s.clients.kill_all();
+        });
         info!(addr = %local_addr, "sluice listening");
         Ok(Running {
             shared,

@@ -214,8 +214,11 @@ pub(super) async fn startup(
         peer,
         cancel.pid,
         &class_name,
-        shared.hard_stop.child_token(),
     ));
+    // Registered after the shutdown deadline's sweep of all clients: switch off at once.
+    if shared.hard_stop.is_cancelled() {
+        info.kill.flip();
+    }
     let mut session = Session {
         shared: shared.clone(),
         pool,

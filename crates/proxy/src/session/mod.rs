@@ -232,6 +232,9 @@ impl Session {
             self.shared.config().sluice.query_wait_notify
         };
         let started = Instant::now();
+        let cancel = self.cancel.clone();
+        let cancelled = cancel.cancelled_while_waiting();
+        tokio::pin!(cancelled);
         let result = loop {
             let notice = async {
                 match notify {
@@ -248,7 +251,7 @@ impl Session {
                     backend::encode_notice(&mut io.wbuf, &f);
                     let _ = io.flush().await;
                 }
-                _ = self.cancel.while_waiting.notified() => {
+                _ = &mut cancelled => {
                     self.info.set_state(ClientState::Idle);
                     return Err(ErrorFields::error(SqlState::QUERY_CANCELED, "canceling statement due to user request"));
                 }
@@ -300,9 +303,9 @@ impl Session {
         // Waited on between transactions for the whole session: registering once is cheaper
         // than once per transaction.
         let shutdown = self.shared.shutdown.clone();
-        let kill = self.info.kill.clone();
+        let info = self.info.clone();
         let shutdown_requested = shutdown.cancelled();
-        let killed = kill.cancelled();
+        let killed = info.kill.flipped();
         tokio::pin!(shutdown_requested, killed);
         loop {
             // Handle what needs no server connection; stop at the first message that does.

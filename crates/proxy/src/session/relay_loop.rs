@@ -33,7 +33,7 @@ impl Session {
         }
         let _ = timeout_ms;
         // Registered once for the whole transaction, not once per wake-up.
-        let killed = self.info.kill.cancelled();
+        let killed = self.info.kill.flipped();
         tokio::pin!(killed);
         let mut statements = 0u32;
         loop {
