@@ -193,7 +193,7 @@ impl Batch {
     }
 
     /// The messages from index `from` on (none when `from` is past the end).
-    fn from(&self, from: usize) -> impl Iterator<Item = &[u8]> {
+    fn messages_from(&self, from: usize) -> impl Iterator<Item = &[u8]> {
         (from..self.ends.len()).map(|i| {
             let start = if i == 0 { 0 } else { self.ends[i - 1] };
             &self.bytes[start..self.ends[i]]

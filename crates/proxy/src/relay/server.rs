@@ -328,7 +328,10 @@ impl Relay {
                 if *at > self.sent_batch.len() {
                     return None;
                 }
-                let describes = self.sent_batch.from(*at).any(|m| m.first() == Some(&b'D'));
+                let describes = self
+                    .sent_batch
+                    .messages_from(*at)
+                    .any(|m| m.first() == Some(&b'D'));
                 describes.then_some(*at)
             }
             _ => None,
@@ -350,7 +353,7 @@ impl Relay {
         }
         let mut up = std::mem::take(&mut self.upstream);
         self.close_orphans(server, &mut up);
-        for raw in msgs.from(from) {
+        for raw in msgs.messages_from(from) {
             let Ok(Some(header)) = frontend::peek_header(raw) else {
                 continue;
             };
