@@ -53,9 +53,9 @@ impl ClassSpec {
 /// A live override of a class's limits, set by the `on-pressure` hook.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ClassOverride {
-    /// Replaces `max_active` while set.
+    /// Replaces `max_active` while set; `None` leaves it unchanged.
     pub max_active: Option<u32>,
-    /// Replaces `max_wait` while set.
+    /// Replaces `max_wait` while set; `None` leaves it unchanged.
     pub max_wait: Option<Duration>,
 }
 
@@ -299,10 +299,18 @@ impl<W> Scheduler<W> {
         self.classes.get(i).and_then(|c| c.max_wait())
     }
 
-    /// Sets or clears the live override of class `i`.
+    /// Applies a live change to class `i`: each limit `over` sets replaces the current one;
+    /// a limit it leaves `None` stays as it is (pressure actions are changes, and several
+    /// plugins may each change a different limit of the same class). [`Self::clear_overrides`]
+    /// ends them all.
     pub fn set_override(&mut self, i: usize, over: ClassOverride) {
         if let Some(c) = self.classes.get_mut(i) {
-            c.over = over;
+            if over.max_active.is_some() {
+                c.over.max_active = over.max_active;
+            }
+            if over.max_wait.is_some() {
+                c.over.max_wait = over.max_wait;
+            }
         }
     }
 

@@ -141,6 +141,35 @@ fn override_tightens_a_quota_live() {
 }
 
 #[test]
+fn overrides_change_only_the_limits_they_set() {
+    let t0 = Instant::now();
+    let mut s: Scheduler<u32> = Scheduler::new(4, vec![class("batch", 0, None, 0)], 0.0, t0);
+    // One plugin caps the class, another (or a later tick) sets only its wait budget.
+    s.set_override(
+        0,
+        ClassOverride {
+            max_active: Some(0),
+            max_wait: None,
+        },
+    );
+    s.set_override(
+        0,
+        ClassOverride {
+            max_active: None,
+            max_wait: Some(Duration::from_millis(50)),
+        },
+    );
+    assert!(
+        !s.eligible(&ticket(0, 0)),
+        "the cap survives the second change"
+    );
+    assert_eq!(s.class_max_wait(0), Some(Duration::from_millis(50)));
+    s.clear_overrides();
+    assert!(s.eligible(&ticket(0, 0)));
+    assert_eq!(s.class_max_wait(0), None);
+}
+
+#[test]
 fn removing_a_parked_waiter_leaves_no_trace() {
     let t0 = Instant::now();
     let mut s = Scheduler::new(4, vec![class("a", 0, None, 0)], 0.0, t0);
