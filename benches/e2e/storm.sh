@@ -80,6 +80,10 @@ path = "$PLUGIN_DIR/priority.wasm"
 [policy.plugins.config]
 web = "web"          # application_name -> class
 batch = "scraper"
+# While the pool is saturated, batch holds at most 4 of its 20 connections: a freed connection
+# goes to batch only when no web client waits, and batch transactions are long (~50 ms), so
+# without a cap they pile up on connections between bursts of web traffic.
+pressure_max_active.batch = 4
 EOF
 cp "$WORK/priority.toml" "$WORK/priority-shed.toml"
 if [[ -n ${SHED_TOML:-} ]]; then
