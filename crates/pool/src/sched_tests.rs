@@ -124,17 +124,18 @@ fn expire_sheds_only_past_the_class_budget() {
     assert_eq!(s.waiting(), 1);
 }
 
+fn limits(max_active: Option<u32>, max_wait: Option<Duration>) -> ClassOverride {
+    ClassOverride {
+        max_active,
+        max_wait,
+    }
+}
+
 #[test]
 fn override_tightens_a_quota_live() {
     let t0 = Instant::now();
     let mut s: Scheduler<u32> = Scheduler::new(4, vec![class("batch", 0, None, 0)], 0.0, t0);
-    s.set_override(
-        0,
-        ClassOverride {
-            max_active: Some(0),
-            max_wait: None,
-        },
-    );
+    s.set_override(0, limits(Some(0), None));
     assert!(!s.eligible(&ticket(0, 0)));
     s.clear_overrides();
     assert!(s.eligible(&ticket(0, 0)));
@@ -145,20 +146,8 @@ fn overrides_change_only_the_limits_they_set() {
     let t0 = Instant::now();
     let mut s: Scheduler<u32> = Scheduler::new(4, vec![class("batch", 0, None, 0)], 0.0, t0);
     // One plugin caps the class, another (or a later tick) sets only its wait budget.
-    s.set_override(
-        0,
-        ClassOverride {
-            max_active: Some(0),
-            max_wait: None,
-        },
-    );
-    s.set_override(
-        0,
-        ClassOverride {
-            max_active: None,
-            max_wait: Some(Duration::from_millis(50)),
-        },
-    );
+    s.set_override(0, limits(Some(0), None));
+    s.set_override(0, limits(None, Some(Duration::from_millis(50))));
     assert!(
         !s.eligible(&ticket(0, 0)),
         "the cap survives the second change"
