@@ -64,26 +64,55 @@ fn table_config(pg: &PgCluster, timeout: &str) -> ConfigBuilder {
         .set_str("shutdown_timeout", timeout)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn graceful_shutdown_lets_a_running_transaction_commit() {
+/// A Sluice (shutdown_timeout 60 s) with a client named `app` inside a transaction that has
+/// inserted one row into the new table `table`, and an idle raw client.
+struct Scene {
+    direct: tokio_postgres::Client,
+    sluice: SluiceHandle,
+    login_cfg: tokio_postgres::Config,
+    busy: tokio_postgres::Client,
+    idle: RawClient,
+}
+
+async fn scene(table: &str, app: &str) -> Scene {
     let pg = PgCluster::shared();
     let direct = pg
         .connect_direct("postgres", "appdb")
         .await
         .expect("direct");
     direct
-        .batch_execute("create table shd_graceful (v int); grant all on shd_graceful to app")
+        .batch_execute(&format!(
+            "create table {table} (v int); grant all on {table} to app"
+        ))
         .await
         .expect("create");
     let sluice = SluiceHandle::start(table_config(pg, "60s")).await;
     let login_cfg = sluice.pg_config("app", "appdb");
-    let busy = connect_app(&sluice, "app", "appdb", "shd-graceful-busy")
+    let busy = connect_app(&sluice, "app", "appdb", app)
         .await
         .expect("busy");
-    busy.batch_execute("begin; insert into shd_graceful values (1)")
+    busy.batch_execute(&format!("begin; insert into {table} values (1)"))
         .await
         .expect("begin");
-    let mut idle = idle_raw_client(&sluice).await;
+    let idle = idle_raw_client(&sluice).await;
+    Scene {
+        direct,
+        sluice,
+        login_cfg,
+        busy,
+        idle,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_shutdown_lets_a_running_transaction_commit() {
+    let Scene {
+        direct,
+        sluice,
+        login_cfg,
+        busy,
+        mut idle,
+    } = scene("shd_graceful", "shd-graceful-busy").await;
 
     let running = sluice.into_running();
     let started = Instant::now();
@@ -145,24 +174,13 @@ async fn graceful_shutdown_cuts_transactions_at_shutdown_timeout() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fast_shutdown_closes_everyone_and_rolls_back() {
-    let pg = PgCluster::shared();
-    let direct = pg
-        .connect_direct("postgres", "appdb")
-        .await
-        .expect("direct");
-    direct
-        .batch_execute("create table shd_fast (v int); grant all on shd_fast to app")
-        .await
-        .expect("create");
-    let sluice = SluiceHandle::start(table_config(pg, "60s")).await;
-    let login_cfg = sluice.pg_config("app", "appdb");
-    let busy = connect_app(&sluice, "app", "appdb", "shd-fast-busy")
-        .await
-        .expect("busy");
-    busy.batch_execute("begin; insert into shd_fast values (1)")
-        .await
-        .expect("begin");
-    let mut idle = idle_raw_client(&sluice).await;
+    let Scene {
+        direct,
+        sluice,
+        login_cfg,
+        busy,
+        mut idle,
+    } = scene("shd_fast", "shd-fast-busy").await;
 
     let running = sluice.into_running();
     running.shutdown(ShutdownMode::Fast);

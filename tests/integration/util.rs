@@ -53,40 +53,36 @@ pub async fn fresh_table(pg: &PgCluster, db: &str, name: &str, columns: &str) {
     .expect("create test table");
 }
 
-/// Client backends connected to database `db`.
-pub async fn backends_in_db(su: &Client, db: &str) -> i64 {
+/// Client backends matching `filter` (SQL over pg_stat_activity, with `params` as $1, $2...).
+async fn count_backends(
+    su: &Client,
+    filter: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+) -> i64 {
     su.query_one(
-        "select count(*) from pg_stat_activity \
-         where backend_type = 'client backend' and datname = $1",
-        &[&db],
+        &format!(
+            "select count(*) from pg_stat_activity where backend_type = 'client backend' and {filter}"
+        ),
+        params,
     )
     .await
     .expect("count backends")
     .get(0)
+}
+
+/// Client backends connected to database `db`.
+pub async fn backends_in_db(su: &Client, db: &str) -> i64 {
+    count_backends(su, "datname = $1", &[&db]).await
 }
 
 /// Client backends of role `user` connected to database `db`.
 pub async fn backends_of(su: &Client, db: &str, user: &str) -> i64 {
-    su.query_one(
-        "select count(*) from pg_stat_activity \
-         where backend_type = 'client backend' and datname = $1 and usename = $2",
-        &[&db, &user],
-    )
-    .await
-    .expect("count backends")
-    .get(0)
+    count_backends(su, "datname = $1 and usename = $2", &[&db, &user]).await
 }
 
 /// Backends whose application_name is `app` and whose state is `state`.
 pub async fn backends_with(su: &Client, app: &str, state: &str) -> i64 {
-    su.query_one(
-        "select count(*) from pg_stat_activity \
-         where backend_type = 'client backend' and application_name = $1 and state = $2",
-        &[&app, &state],
-    )
-    .await
-    .expect("count backends")
-    .get(0)
+    count_backends(su, "application_name = $1 and state = $2", &[&app, &state]).await
 }
 
 /// Waits until exactly `n` backends have application_name `app` and state `state`.
