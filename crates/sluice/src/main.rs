@@ -14,6 +14,8 @@ use sluice_config::{Config, FailMode, LogFormat, PluginConfig};
 use sluice_policy::PolicyEngine;
 use sluice_proxy::{Proxy, ShutdownMode};
 
+mod logfmt;
+
 /// Sluice: a PostgreSQL connection pooler with WebAssembly policies.
 #[derive(Parser)]
 #[command(version, about)]
@@ -128,7 +130,7 @@ fn init_tracing(format: LogFormat) {
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.init(),
+        LogFormat::Text => builder.event_format(logfmt::LeanText { ansi }).init(),
     }
 }
 

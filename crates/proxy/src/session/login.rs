@@ -98,7 +98,7 @@ pub(super) async fn startup(
         AuthOutcome::Ok(keys) => keys,
         AuthOutcome::Refused(f) => {
             if cfg.sluice.log_pooler_errors {
-                warn!(peer = ?peer, user = %user, db = %db, code = f.code.as_str(), "login refused: {}", f.message);
+                warn!(peer = %Peer(peer), user = user.as_str(), db = db.as_str(), code = f.code.as_str(), "login refused: {}", f.message);
             }
             io.send_error(&f).await;
             return Err(End::Refused(f.message));
@@ -252,7 +252,8 @@ pub(super) async fn startup(
     backend::encode_auth_ok(&mut io.wbuf);
     session.welcome(&mut io.wbuf);
     if cfg.sluice.log_connections {
-        info!(client.id = session.info.id, peer = ?peer, user = %session.info.user, db = %session.info.db, app = %session.info.app, class = %session.class_name, "client connected");
+        let i = &session.info;
+        info!(client.id = i.id, peer = %Peer(peer), user = i.user.as_str(), db = i.db.as_str(), app = i.app.as_str(), class = session.class_name.as_str(), "client connected");
     }
     if io.flush().await.is_err() {
         session.close();
@@ -263,16 +264,7 @@ pub(super) async fn startup(
 
 impl Session {
     pub(super) fn welcome(&self, out: &mut BytesMut) {
-        let welcome = self.pool.welcome.read().clone().unwrap_or_default();
-        for (k, v) in welcome.iter() {
-            let mine = self.params.get(k);
-            let value = if k == "application_name" {
-                mine.unwrap_or("")
-            } else {
-                mine.unwrap_or(v)
-            };
-            backend::encode_parameter_status(out, k, value);
-        }
+        self.pool.encode_parameter_status(&self.params, out);
         backend::encode_backend_key_data(out, self.cancel.pid, &self.cancel.secret());
         backend::encode_ready_for_query(out, TransactionStatus::Idle);
     }

@@ -95,19 +95,27 @@ pub async fn run(shared: Arc<Shared>, stream: Stream, peer: Option<SocketAddr>) 
         }
         Ok(None) => return,
         Err(end) => {
-            debug!(peer = ?peer, reason = ?end, "login failed");
+            debug!(peer = %Peer(peer), reason = ?end, "login failed");
             return;
         }
     };
     let log = shared.config().sluice.log_disconnections;
-    let (id, user, db) = (
-        session.info.id,
-        session.info.user.clone(),
-        session.info.db.clone(),
-    );
+    let info = session.info.clone();
     let end = session.serve(io).await;
     if log {
-        info!(client.id = id, user = %user, db = %db, duration_ms = start.elapsed().as_millis() as u64, reason = ?end, "client disconnected");
+        info!(client.id = info.id, user = info.user.as_str(), db = info.db.as_str(), duration_ms = start.elapsed().as_millis() as u64, reason = ?end, "client disconnected");
+    }
+}
+
+/// A client's address for the log: `host:port`, or `unix` for a unix socket.
+struct Peer(Option<SocketAddr>);
+
+impl std::fmt::Display for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(addr) => addr.fmt(f),
+            None => f.write_str("unix"),
+        }
     }
 }
 
