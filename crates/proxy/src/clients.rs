@@ -1,13 +1,15 @@
 //! Connected clients: their public state for the admin console, client-connection limits
 //! (global, per database, user, address, application and policy key), and KILL_CLIENT.
 
-use std::net::SocketAddr;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::SystemTime;
 
 use dashmap::DashMap;
 use futures_util::task::AtomicWaker;
+use parking_lot::Mutex;
 
 use sluice_config::Config;
 
@@ -143,49 +145,87 @@ impl ClientInfo {
 #[derive(Default)]
 pub struct Clients {
     by_id: DashMap<u64, Arc<ClientInfo>>,
-    counts: DashMap<String, u32>,
+    counts: Mutex<Counts>,
     left: tokio::sync::Notify,
+}
+
+/// What a client-connection limit counts by name.
+#[derive(Clone, Copy)]
+enum Scope {
+    Db = 0,
+    User = 1,
+    App = 2,
+    Policy = 3,
+}
+
+/// Logged-in clients per database, user, application, policy key and address. One lock
+/// covers them all, so a login checks every limit and takes its slots in one step.
+#[derive(Default)]
+struct Counts {
+    named: [HashMap<Arc<str>, u32>; 4],
+    addr: HashMap<IpAddr, u32>,
+}
+
+impl Counts {
+    fn named(&self, scope: Scope, name: &str) -> u32 {
+        self.named[scope as usize].get(name).copied().unwrap_or(0)
+    }
+
+    /// Counts one more client under `name`; returns the shared key to release it with.
+    fn take(&mut self, scope: Scope, name: &str) -> Arc<str> {
+        let map = &mut self.named[scope as usize];
+        if let Some((key, n)) = map.get_key_value(name) {
+            let key = key.clone();
+            *map.get_mut(name).expect("present") = n + 1;
+            return key;
+        }
+        let key: Arc<str> = Arc::from(name);
+        map.insert(key.clone(), 1);
+        key
+    }
+
+    fn release(&mut self, scope: Scope, name: &str) {
+        let map = &mut self.named[scope as usize];
+        if let Some(n) = map.get_mut(name) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(name);
+            }
+        }
+    }
 }
 
 /// Counter slots held by one client; released on drop.
 pub struct Counted {
     clients: Arc<Clients>,
-    keys: Vec<String>,
+    /// By [`Scope`].
+    names: [Option<Arc<str>>; 4],
+    addr: Option<IpAddr>,
 }
 
 impl Drop for Counted {
     fn drop(&mut self) {
-        for k in &self.keys {
-            self.clients.decrement(k);
+        let mut counts = self.clients.counts.lock();
+        for (scope, name) in [Scope::Db, Scope::User, Scope::App, Scope::Policy]
+            .into_iter()
+            .zip(&self.names)
+        {
+            if let Some(name) = name {
+                counts.release(scope, name);
+            }
         }
-    }
-}
-
-/// The message for a client refused by the limit `setting` on counted `key` ("db:NAME", ...).
-fn refusal(key: &str, max: u32, setting: &str) -> String {
-    let (kind, subject) = key.split_once(':').unwrap_or(("", key));
-    match kind {
-        "db" => format!("{setting} ({max}) reached for database \"{subject}\""),
-        "user" => format!("{setting} ({max}) reached for user \"{subject}\""),
-        "app" => format!("{setting} ({max}) reached for application \"{subject}\""),
-        "addr" => format!("{setting} ({max}) reached for address {subject}"),
-        _ => format!("too many client connections for \"{subject}\" (policy limit {max})"),
+        if let Some(ip) = self.addr {
+            if let Some(n) = counts.addr.get_mut(&ip) {
+                *n -= 1;
+                if *n == 0 {
+                    counts.addr.remove(&ip);
+                }
+            }
+        }
     }
 }
 
 impl Clients {
-    fn decrement(&self, key: &str) {
-        if let Some(mut c) = self.counts.get_mut(key) {
-            *c = c.saturating_sub(1);
-        }
-        self.counts.remove_if(key, |_, v| *v == 0);
-    }
-
-    /// Count of clients under a counter key (e.g. `addr:10.0.0.1`).
-    pub fn count(&self, key: &str) -> u32 {
-        self.counts.get(key).map_or(0, |c| *c)
-    }
-
     /// Takes one slot under every applicable limit, or says which limit is full.
     #[allow(clippy::too_many_arguments)]
     pub fn admit(
@@ -209,46 +249,57 @@ impl Clients {
             .get(user)
             .and_then(|u| u.max_user_client_connections)
             .unwrap_or(g.max_user_client_connections);
-        // (counted key, limit, what the limit is called); refusal messages are built only
-        // when a limit is hit.
-        let mut wanted: Vec<(String, u32, &str)> = vec![
-            (format!("db:{db}"), db_max, "max_db_client_connections"),
-            (
-                format!("user:{user}"),
-                user_max,
-                "max_user_client_connections",
-            ),
-            (
-                format!("app:{app}"),
-                g.max_app_client_connections,
-                "max_app_client_connections",
-            ),
-        ];
-        if let Some(a) = addr {
-            wanted.push((
-                format!("addr:{}", a.ip()),
-                g.max_addr_client_connections,
-                "max_addr_client_connections",
+        let full = |count: u32, max: u32| max != 0 && count >= max;
+        let mut counts = self.counts.lock();
+        // Every limit is checked before any slot is taken; the message is built only for
+        // the limit that refuses.
+        if full(counts.named(Scope::Db, db), db_max) {
+            return Err(format!(
+                "max_db_client_connections ({db_max}) reached for database \"{db}\""
             ));
         }
-        if let Some(k) = policy_key {
-            wanted.push((format!("key:{k}"), policy_max.unwrap_or(0), "policy"));
+        if full(counts.named(Scope::User, user), user_max) {
+            return Err(format!(
+                "max_user_client_connections ({user_max}) reached for user \"{user}\""
+            ));
         }
-        let mut taken = Counted {
-            clients: self.clone(),
-            keys: Vec::new(),
-        };
-        for (key, max, setting) in wanted {
-            let mut c = self.counts.entry(key.clone()).or_insert(0);
-            if max != 0 && *c >= max {
-                drop(c);
-                return Err(refusal(&key, max, setting));
+        let app_max = g.max_app_client_connections;
+        if full(counts.named(Scope::App, app), app_max) {
+            return Err(format!(
+                "max_app_client_connections ({app_max}) reached for application \"{app}\""
+            ));
+        }
+        let ip = addr.map(|a| a.ip());
+        let addr_max = g.max_addr_client_connections;
+        if let Some(ip) = ip {
+            if full(counts.addr.get(&ip).copied().unwrap_or(0), addr_max) {
+                return Err(format!(
+                    "max_addr_client_connections ({addr_max}) reached for address {ip}"
+                ));
             }
-            *c += 1;
-            drop(c);
-            taken.keys.push(key);
         }
-        Ok(taken)
+        if let Some(k) = policy_key {
+            let max = policy_max.unwrap_or(0);
+            if full(counts.named(Scope::Policy, k), max) {
+                return Err(format!(
+                    "too many client connections for \"{k}\" (policy limit {max})"
+                ));
+            }
+        }
+        let names = [
+            Some(counts.take(Scope::Db, db)),
+            Some(counts.take(Scope::User, user)),
+            Some(counts.take(Scope::App, app)),
+            policy_key.map(|k| counts.take(Scope::Policy, k)),
+        ];
+        if let Some(ip) = ip {
+            *counts.addr.entry(ip).or_insert(0) += 1;
+        }
+        Ok(Counted {
+            clients: self.clone(),
+            names,
+            addr: ip,
+        })
     }
 
     /// Adds a logged-in client.
@@ -308,5 +359,45 @@ impl Clients {
     /// Whether no client is logged in.
     pub fn is_empty(&self) -> bool {
         self.by_id.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limits_count_each_scope_and_slots_come_back_on_drop() {
+        let cfg = Config::parse(
+            "[sluice]\nmax_user_client_connections = 2\nmax_addr_client_connections = 3\n\
+             [databases.appdb]\nhost = \"127.0.0.1\"\n[users.app]\npassword = \"x\"\n",
+            None,
+        )
+        .expect("config");
+        let clients = Arc::new(Clients::default());
+        let addr: SocketAddr = "10.0.0.1:5000".parse().unwrap();
+        let admit = |app: &str, key: Option<&str>| {
+            clients.admit(&cfg, "app", "appdb", app, Some(addr), key, Some(1))
+        };
+        let a = admit("web", Some("k1")).expect("first");
+        let err = admit("web", Some("k1"))
+            .err()
+            .expect("policy key k1 is full");
+        assert_eq!(
+            err,
+            "too many client connections for \"k1\" (policy limit 1)"
+        );
+        let b = admit("web", Some("k2")).expect("second");
+        let err = admit("cron", None).err().expect("user is full");
+        assert_eq!(
+            err,
+            "max_user_client_connections (2) reached for user \"app\""
+        );
+        drop(a);
+        let c = admit("cron", Some("k1")).expect("a slot came back");
+        drop((b, c));
+        let counts = clients.counts.lock();
+        assert!(counts.named.iter().all(HashMap::is_empty));
+        assert!(counts.addr.is_empty());
     }
 }

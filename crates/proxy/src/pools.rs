@@ -4,12 +4,16 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use bytes::{Bytes, BytesMut};
 use dashmap::DashMap;
 use parking_lot::{Mutex, RwLock};
 
 use sluice_config::{Config, Secret};
 use sluice_pool::{ClassSpec, Pool, PoolSettings, SharedLimit};
 
+use sluice_wire::backend;
+
+use crate::params::{ClientParams, Wishes};
 use crate::server::{Credential, KeyCache, ServerAddr, ServerConnector, ServerSpec};
 
 /// A pool of server connections.
@@ -30,6 +34,49 @@ pub struct PoolEntry {
     pub welcome: RwLock<Option<Arc<Welcome>>>,
     /// Startup parameter values the server already accepted: (lowercase name, raw) -> normalised.
     pub validated: Mutex<HashMap<(String, String), Option<String>>>,
+    /// The last ParameterStatus block sent at login, for the next client with the same
+    /// wishes: clients of one application log in with equal (shared) parameters.
+    greeting: Mutex<Option<Greeting>>,
+}
+
+/// ParameterStatus messages for one welcome and one set of client wishes.
+struct Greeting {
+    welcome: Arc<Welcome>,
+    wishes: Arc<Wishes>,
+    encoded: Bytes,
+}
+
+impl PoolEntry {
+    /// Appends the ParameterStatus messages a client with `params` sees at login: the server's
+    /// values, with the client's own where it asked for one.
+    pub fn encode_parameter_status(&self, params: &ClientParams, out: &mut BytesMut) {
+        let Some(welcome) = self.welcome.read().clone() else {
+            return;
+        };
+        let mut greeting = self.greeting.lock();
+        if let Some(g) = &*greeting {
+            if Arc::ptr_eq(&g.welcome, &welcome) && Arc::ptr_eq(&g.wishes, params.wishes()) {
+                out.extend_from_slice(&g.encoded);
+                return;
+            }
+        }
+        let mut encoded = BytesMut::new();
+        for (k, v) in welcome.iter() {
+            let mine = params.get(k);
+            let value = if k == "application_name" {
+                mine.unwrap_or("")
+            } else {
+                mine.unwrap_or(v)
+            };
+            backend::encode_parameter_status(&mut encoded, k, value);
+        }
+        out.extend_from_slice(&encoded);
+        *greeting = Some(Greeting {
+            welcome,
+            wishes: params.wishes().clone(),
+            encoded: encoded.freeze(),
+        });
+    }
 }
 
 /// All pools.
@@ -166,6 +213,7 @@ impl PoolSet {
                 user: user.to_string(),
                 welcome: RwLock::new(None),
                 validated: Mutex::new(HashMap::new()),
+                greeting: Mutex::new(None),
             })
         });
         Some(entry.clone())
