@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use dashmap::DashMap;
+use foldhash::fast::RandomState;
 use futures_util::task::AtomicWaker;
 use parking_lot::Mutex;
 
@@ -162,31 +163,31 @@ enum Scope {
 /// covers them all, so a login checks every limit and takes its slots in one step.
 #[derive(Default)]
 struct Counts {
-    named: [HashMap<Arc<str>, u32>; 4],
-    addr: HashMap<IpAddr, u32>,
+    /// By [`Scope`]: name to (count, the shared name the holders keep).
+    named: [HashMap<Arc<str>, (u32, Arc<str>), RandomState>; 4],
+    addr: HashMap<IpAddr, u32, RandomState>,
 }
 
 impl Counts {
     fn named(&self, scope: Scope, name: &str) -> u32 {
-        self.named[scope as usize].get(name).copied().unwrap_or(0)
+        self.named[scope as usize].get(name).map_or(0, |e| e.0)
     }
 
-    /// Counts one more client under `name`; returns the shared key to release it with.
+    /// Counts one more client under `name`; returns the shared name to release it with.
     fn take(&mut self, scope: Scope, name: &str) -> Arc<str> {
         let map = &mut self.named[scope as usize];
-        if let Some((key, n)) = map.get_key_value(name) {
-            let key = key.clone();
-            *map.get_mut(name).expect("present") = n + 1;
-            return key;
+        if let Some((n, key)) = map.get_mut(name) {
+            *n += 1;
+            return key.clone();
         }
         let key: Arc<str> = Arc::from(name);
-        map.insert(key.clone(), 1);
+        map.insert(key.clone(), (1, key.clone()));
         key
     }
 
     fn release(&mut self, scope: Scope, name: &str) {
         let map = &mut self.named[scope as usize];
-        if let Some(n) = map.get_mut(name) {
+        if let Some((n, _)) = map.get_mut(name) {
             *n -= 1;
             if *n == 0 {
                 map.remove(name);

@@ -361,10 +361,12 @@ fn dispatch(
     match permits.clone().try_acquire_owned() {
         Ok(permit) => {
             let s = shared.clone();
-            shared.tracker.spawn(async move {
+            // Boxed, so the task itself stays small: tokio moves a task's future by value
+            // between its stages, and a session's is several kilobytes.
+            shared.tracker.spawn(Box::pin(async move {
                 session::run(s, stream, peer).await;
                 drop(permit);
-            });
+            }));
         }
         Err(_) => {
             shared.stats.refused.fetch_add(1, Ordering::Relaxed);

@@ -219,7 +219,7 @@ fn intern(wishes: &Arc<Wishes>) -> Arc<Wishes> {
         sets: HashMap<u64, Vec<Weak<Wishes>>>,
         entries: usize,
         sweep_at: usize,
-        hasher: std::hash::RandomState,
+        hasher: foldhash::fast::RandomState,
     }
     static TABLE: OnceLock<parking_lot::Mutex<Table>> = OnceLock::new();
     let mut t = TABLE
@@ -228,7 +228,7 @@ fn intern(wishes: &Arc<Wishes>) -> Arc<Wishes> {
                 sets: HashMap::new(),
                 entries: 0,
                 sweep_at: 64,
-                hasher: std::hash::RandomState::new(),
+                hasher: foldhash::fast::RandomState::default(),
             })
         })
         .lock();

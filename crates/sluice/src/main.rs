@@ -16,6 +16,9 @@ use sluice_proxy::{Proxy, ShutdownMode};
 
 mod logfmt;
 
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Sluice: a PostgreSQL connection pooler with WebAssembly policies.
 #[derive(Parser)]
 #[command(version, about)]
