@@ -163,8 +163,8 @@ enum Scope {
 /// covers them all, so a login checks every limit and takes its slots in one step.
 #[derive(Default)]
 struct Counts {
-    /// By [`Scope`]: name to (count, the shared name the holders keep).
-    named: [HashMap<Arc<str>, (u32, Arc<str>), RandomState>; 4],
+    /// By [`Scope`].
+    named: [NameCounts; 4],
     addr: HashMap<IpAddr, u32, RandomState>,
 }
 
@@ -195,6 +195,9 @@ impl Counts {
         }
     }
 }
+
+/// Name to (count, the shared name the holders keep).
+type NameCounts = HashMap<Arc<str>, (u32, Arc<str>), RandomState>;
 
 /// Counter slots held by one client; released on drop.
 pub struct Counted {
