@@ -243,7 +243,7 @@ mod tests {
     #[test]
     fn control_characters_are_escaped() {
         let mut s = String::new();
-        write!(Escaped(&mut s), "{}", "app\nFAKE \x1b[31mred").unwrap();
+        Escaped(&mut s).write_str("app\nFAKE \x1b[31mred").unwrap();
         assert_eq!(s, "app\\u{a}FAKE \\u{1b}[31mred");
     }
 
