@@ -452,6 +452,10 @@ impl<W> Scheduler<W> {
 
     /// Picks the best eligible waiter for one free connection and accounts the grant.
     pub fn pick(&mut self, now: Instant) -> Option<(W, Grant, Duration)> {
+        if self.waiters.is_empty() {
+            // The common case at checkin: nobody waits, no class to scan.
+            return None;
+        }
         loop {
             let mut best: Option<(usize, (i64, u64), WaiterId)> = None;
             for (i, c) in self.classes.iter().enumerate() {
@@ -516,6 +520,9 @@ impl<W> Scheduler<W> {
     /// How many queued waiters could use a connection now: each class's queue, capped by its
     /// remaining quota. Parked waiters are not counted. Used to decide how many to open.
     pub fn eligible_waiting(&self) -> u32 {
+        if self.waiters.is_empty() {
+            return 0;
+        }
         self.classes
             .iter()
             .enumerate()

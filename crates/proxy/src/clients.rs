@@ -68,9 +68,13 @@ pub struct ClientInfo {
 /// A client's kill switch. Only the client's own task waits on it, so a flag and one waker
 /// do: waiting costs two atomic operations, where a `CancellationToken` takes two locks on
 /// every wait of every transaction.
+///
+/// The same switch carries the graceful shutdown's "leave when idle", so a session waiting
+/// for its client's next transaction watches one flag pair and one waker.
 #[derive(Debug, Default)]
 pub struct KillSwitch {
     flipped: AtomicBool,
+    idle_end: AtomicBool,
     waker: AtomicWaker,
 }
 
@@ -81,19 +85,39 @@ impl KillSwitch {
         self.waker.wake();
     }
 
+    /// Disconnects the client once it is between transactions (graceful shutdown).
+    pub fn end_when_idle(&self) {
+        self.idle_end.store(true, Ordering::SeqCst);
+        self.waker.wake();
+    }
+
     /// Whether the switch was flipped.
     pub fn is_flipped(&self) -> bool {
         self.flipped.load(Ordering::SeqCst)
     }
 
+    /// Whether a client between transactions should be disconnected.
+    pub fn idle_should_end(&self) -> bool {
+        self.is_flipped() || self.idle_end.load(Ordering::SeqCst)
+    }
+
     /// Completes once the switch is flipped (at once if it already was).
     pub fn flipped(&self) -> impl std::future::Future<Output = ()> + '_ {
+        self.until(Self::is_flipped)
+    }
+
+    /// Completes once a client between transactions should be disconnected.
+    pub fn idle_ended(&self) -> impl std::future::Future<Output = ()> + '_ {
+        self.until(Self::idle_should_end)
+    }
+
+    fn until(&self, done: fn(&Self) -> bool) -> impl std::future::Future<Output = ()> + '_ {
         std::future::poll_fn(move |cx| {
-            if self.is_flipped() {
+            if done(self) {
                 return std::task::Poll::Ready(());
             }
             self.waker.register(cx.waker());
-            if self.is_flipped() {
+            if done(self) {
                 std::task::Poll::Ready(())
             } else {
                 std::task::Poll::Pending
@@ -341,6 +365,13 @@ impl Clients {
     pub fn kill_all(&self) {
         for c in self.by_id.iter() {
             c.kill.flip();
+        }
+    }
+
+    /// Disconnects every client once it is between transactions (graceful shutdown).
+    pub fn end_all_when_idle(&self) {
+        for c in self.by_id.iter() {
+            c.kill.end_when_idle();
         }
     }
 

@@ -198,6 +198,8 @@ pub fn begin_shutdown(shared: &Arc<Shared>, mode: ShutdownMode) {
     }
     info!(?mode, "shutting down");
     shared.shutdown.cancel();
+    // After the cancel: a client logging in now sees the token cancelled (login checks it).
+    shared.clients.end_all_when_idle();
     let deadline = match mode {
         ShutdownMode::Graceful => shared.config().sluice.shutdown_timeout,
         ShutdownMode::Fast => Duration::ZERO,

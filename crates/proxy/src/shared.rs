@@ -22,6 +22,8 @@ use crate::prepared::Registry;
 /// Everything a session needs, behind one `Arc`.
 pub struct Shared {
     config: ArcSwap<Config>,
+    /// Bumped after every config swap: a cheaper "has it changed" than loading the config.
+    config_generation: AtomicU64,
     /// Server pools.
     pub pools: PoolSet,
     /// Prepared statements shared by content.
@@ -65,6 +67,7 @@ impl Shared {
         Shared {
             client_permits,
             config: ArcSwap::from_pointee(config),
+            config_generation: AtomicU64::new(0),
             pools: PoolSet::default(),
             registry: Registry::default(),
             cancels: CancelMap::default(),
@@ -87,14 +90,16 @@ impl Shared {
         self.config.load_full()
     }
 
-    /// Whether `cfg` is still the current config (no reload since it was read).
-    pub fn config_is(&self, cfg: &Arc<Config>) -> bool {
-        Arc::ptr_eq(&self.config.load(), cfg)
+    /// The config's generation, bumped by every reload. Read it before the config: a
+    /// generation never belongs to a config older than the one read after it.
+    pub fn config_generation(&self) -> u64 {
+        self.config_generation.load(Ordering::Acquire)
     }
 
     /// Swaps the config (reload).
     pub fn set_config(&self, cfg: Config) {
         self.config.store(Arc::new(cfg));
+        self.config_generation.fetch_add(1, Ordering::Release);
     }
 }
 

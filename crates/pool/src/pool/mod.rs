@@ -294,8 +294,9 @@ impl<K: Connector> Pool<K> {
                 Some(w) => (Some(w), false),
                 None => (st.settings.wait_timeout, true),
             };
-            let id = st.sched.enqueue(ticket, tx, now());
-            inner.fill(&mut st, &mut closing);
+            let at = now();
+            let id = st.sched.enqueue(ticket, tx, at);
+            inner.fill(&mut st, &mut closing, at);
             drop(st);
             drop(closing);
             (rx, id, budget, class, timeout_kind)
@@ -366,7 +367,7 @@ impl<K: Connector> Pool<K> {
                     waited,
                 }));
             }
-            self.inner.fill(&mut st, &mut closing);
+            self.inner.fill(&mut st, &mut closing, now);
         }
         self.inner.close_all(closing);
     }
@@ -382,7 +383,7 @@ impl<K: Connector> Pool<K> {
         {
             let mut st = self.inner.state.lock();
             st.paused = false;
-            self.inner.fill(&mut st, &mut closing);
+            self.inner.fill(&mut st, &mut closing, now());
         }
         self.inner.close_all(closing);
     }
@@ -457,7 +458,7 @@ impl<K: Connector> Pool<K> {
                 }
             }
             st.settings = settings;
-            self.inner.fill(&mut st, &mut closing);
+            self.inner.fill(&mut st, &mut closing, now());
         }
         self.inner.close_all(closing);
     }
@@ -475,7 +476,7 @@ impl<K: Connector> Pool<K> {
                     }
                 }
             }
-            self.inner.fill(&mut st, &mut closing);
+            self.inner.fill(&mut st, &mut closing, now());
         }
         self.inner.close_all(closing);
     }
@@ -531,11 +532,15 @@ impl<C: Poolable, E: Clone + std::fmt::Display> State<C, E> {
 
 impl<K: Connector> Inner<K> {
     /// Gives idle connections to eligible waiters, then opens connections for the rest.
-    fn fill(&self, st: &mut State<K::Conn, K::Error>, closing: &mut Closing<K::Conn>) {
+    fn fill(
+        &self,
+        st: &mut State<K::Conn, K::Error>,
+        closing: &mut Closing<K::Conn>,
+        now: Instant,
+    ) {
         if st.closed || st.paused {
             return;
         }
-        let now = now();
         while !st.idle.is_empty() {
             let Some((tx, grant, waited)) = st.sched.pick(now) else {
                 break;
@@ -628,7 +633,7 @@ impl<K: Connector> Inner<K> {
                 }
             }
             if failed.is_empty() {
-                self.fill(&mut st, &mut closing);
+                self.fill(&mut st, &mut closing, now());
             }
             let err = st.last_connect_error.as_ref().map(|(_, e)| e.clone());
             drop(st);
@@ -705,7 +710,7 @@ impl<K: Connector> Inner<K> {
             } else {
                 self.place(&mut st, slot, &mut closing, now);
             }
-            self.fill(&mut st, &mut closing);
+            self.fill(&mut st, &mut closing, now);
             if st.sched.active() == 0 {
                 self.idle_notify.notify_waiters();
             }
@@ -740,7 +745,7 @@ impl<K: Connector> Hungry for Inner<K> {
         let mut closing = Vec::new();
         {
             let mut st = self.state.lock();
-            self.fill(&mut st, &mut closing);
+            self.fill(&mut st, &mut closing, now());
         }
         self.close_all(closing);
     }

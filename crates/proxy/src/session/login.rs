@@ -215,9 +215,12 @@ pub(super) async fn startup(
         cancel.pid,
         &class_name,
     ));
-    // Registered after the shutdown deadline's sweep of all clients: switch off at once.
+    // Registered after the shutdown's sweeps of all clients: switch off at once.
     if shared.hard_stop.is_cancelled() {
         info.kill.flip();
+    }
+    if shared.shutdown.is_cancelled() {
+        info.kill.end_when_idle();
     }
     let mut session = Session {
         shared: shared.clone(),
@@ -239,7 +242,7 @@ pub(super) async fn startup(
         _counted: counted,
         relay: None,
         to_server: BytesMut::with_capacity(4096),
-        settings: Settings::resolve(shared.config(), &user),
+        settings: Settings::resolve(shared, &user),
     };
     // Learn the server's parameters and validate the client's own on a real connection.
     if let Err(f) = session.prepare_params(io, &mut client_params).await {

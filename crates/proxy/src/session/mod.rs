@@ -160,16 +160,19 @@ pub struct Session {
 
 /// A session's view of the config: the settings its hot path reads, resolved for its user.
 struct Settings {
-    cfg: Arc<sluice_config::Config>,
+    generation: u64,
     max_packet_size: u32,
     client_idle_timeout: Option<Duration>,
     idle_transaction_timeout: Option<Duration>,
 }
 
 impl Settings {
-    fn resolve(cfg: Arc<sluice_config::Config>, user: &str) -> Self {
+    fn resolve(shared: &Shared, user: &str) -> Self {
+        let generation = shared.config_generation();
+        let cfg = shared.config();
         let per_user = cfg.users.get(user);
         Settings {
+            generation,
             max_packet_size: cfg.sluice.max_packet_size,
             client_idle_timeout: per_user
                 .and_then(|u| u.client_idle_timeout)
@@ -177,7 +180,6 @@ impl Settings {
             idle_transaction_timeout: per_user
                 .and_then(|u| u.idle_transaction_timeout)
                 .unwrap_or(cfg.sluice.idle_transaction_timeout),
-            cfg,
         }
     }
 }
@@ -187,8 +189,8 @@ type ServerGuard = Guard<ServerConnector>;
 impl Session {
     /// The current settings, re-resolved after a reload.
     fn settings(&mut self) -> &Settings {
-        if !self.shared.config_is(&self.settings.cfg) {
-            self.settings = Settings::resolve(self.shared.config(), &self.info.user);
+        if self.settings.generation != self.shared.config_generation() {
+            self.settings = Settings::resolve(&self.shared, &self.info.user);
         }
         &self.settings
     }
@@ -320,13 +322,11 @@ impl Session {
     }
 
     async fn serve_inner(&mut self, io: &mut ClientIo) -> End {
-        // Waited on between transactions for the whole session: registering once is cheaper
-        // than once per transaction.
-        let shutdown = self.shared.shutdown.clone();
+        // KILL_CLIENT and the graceful shutdown both come through the client's own switch:
+        // one flag pair and one waker, not a CancellationToken (a lock on every check).
         let info = self.info.clone();
-        let shutdown_requested = shutdown.cancelled();
-        let killed = info.kill.flipped();
-        tokio::pin!(shutdown_requested, killed);
+        let idle_end = info.kill.idle_ended();
+        tokio::pin!(idle_end);
         loop {
             // Handle what needs no server connection; stop at the first message that does.
             let max = self.settings().max_packet_size;
@@ -362,7 +362,7 @@ impl Session {
             if io.flush().await.is_err() {
                 return End::Client;
             }
-            if shutdown.is_cancelled() {
+            if info.kill.idle_should_end() {
                 return End::Terminated;
             }
             let whole = matches!(frontend::peek_header(&io.rbuf), Ok(Some(h)) if io.rbuf.len() >= h.total_len());
@@ -385,8 +385,7 @@ impl Session {
                     Ok(()) => {}
                     Err(_) => return End::Client,
                 },
-                _ = &mut shutdown_requested => return End::Terminated,
-                _ = &mut killed => return End::Terminated,
+                _ = &mut idle_end => return End::Terminated,
                 _ = idle => {
                     io.send_error(&ErrorFields::fatal(SqlState::IDLE_SESSION_TIMEOUT, "client_idle_timeout: closing idle client connection")).await;
                     return End::Timeout("client_idle_timeout");
