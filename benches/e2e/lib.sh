@@ -168,7 +168,7 @@ pg_vacuum() {
 # Wait until PORT answers `SELECT 1` for the app user; give up (with the log) if PID dies.
 wait_pooler() {
     local name=$1 port=$2 pid=$3 logfile=$4 i
-    for ((i = 0; i < 100; i++)); do
+    for ((i = 0; i < ${WAIT_POOLER_S:-20} * 5; i++)); do
         if ! kill -0 "$pid" 2>/dev/null; then
             tail -30 "$logfile" >&2 || true
             die "$name exited during startup (log: $logfile)"
@@ -179,7 +179,7 @@ wait_pooler() {
         sleep 0.2
     done
     tail -30 "$logfile" >&2 || true
-    die "$name did not answer SELECT 1 on 127.0.0.1:$port within 20 s (log: $logfile)"
+    die "$name did not answer SELECT 1 on 127.0.0.1:$port within ${WAIT_POOLER_S:-20} s (log: $logfile)"
 }
 
 start_pgbouncer() {
@@ -207,15 +207,14 @@ reserve_pool_size = 0
 max_client_conn = $MAX_CLIENT_CONN
 logfile = $dir/pgbouncer.log
 pidfile = $dir/pgbouncer.pid
-log_connections = 0
-log_disconnections = 0
 stats_period = 60
 ignore_startup_parameters = extra_float_digits
 EOF
     chown -R postgres:postgres "$dir"
     rm -f "$dir/pgbouncer.pid"
     # runuser forks, so its PID is not PgBouncer's: read the real one from the pidfile.
-    (cd "$dir" && exec runuser -u postgres -- "$PGBOUNCER" "$dir/pgbouncer.ini") \
+    # shellcheck disable=SC2086  # POOLER_WRAP is a command prefix, split on purpose
+    (cd "$dir" && exec runuser -u postgres -- ${POOLER_WRAP:-} "$PGBOUNCER" "$dir/pgbouncer.ini") \
         >"$dir/stdout.log" 2>&1 &
     PGB_WRAPPER_PID=$!
     local i
@@ -265,7 +264,8 @@ EOF
         printf '\n' >>"$dir/sluice.toml"
         cat "$extra" >>"$dir/sluice.toml"
     fi
-    "$SLUICE_BIN" --config "$dir/sluice.toml" >"$dir/sluice.log" 2>&1 &
+    # shellcheck disable=SC2086  # POOLER_WRAP is a command prefix, split on purpose
+    ${POOLER_WRAP:-} "$SLUICE_BIN" --config "$dir/sluice.toml" >"$dir/sluice.log" 2>&1 &
     SLUICE_PID=$!
     wait_pooler "sluice ($name)" "$SLUICE_PORT" "$SLUICE_PID" "$dir/sluice.log"
     log "sluice ($name) pid $SLUICE_PID on port $SLUICE_PORT (config $dir/sluice.toml)"

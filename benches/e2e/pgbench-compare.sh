@@ -3,8 +3,8 @@
 #
 # Starts its own PostgreSQL 15 (temp dir, free port, max_connections=100, fsync off), loads pgbench
 # tables (scale 10), starts PgBouncer and Sluice (transaction mode, pool 20, md5, max_client_conn
-# 5000), then for each workload runs every target back to back, R rounds (the target order rotates
-# each round). Reports TPS, average latency, errors and the pooler's CPU µs per transaction
+# 5000; both log connections and disconnections, their default), then for each workload runs
+# every target back to back, R rounds (the target order rotates each round). Reports TPS, average latency, errors and the pooler's CPU µs per transaction
 # (utime+stime from /proc/PID/stat, before/after, divided by transactions).
 #
 # Usage: benches/e2e/pgbench-compare.sh [-T SECONDS] [-R ROUNDS] [--targets LIST] [--workloads LIST]
@@ -155,7 +155,7 @@ done
     echo "- git $(git_rev); $(nproc) CPUs; $("$PG_BIN/postgres" --version); $("$PGBOUNCER" --version 2>/dev/null | head -1)"
     [[ ",$TARGETS," == *,sluice,* ]] && echo "- sluice: $(basename "$SLUICE_BIN") binary (built $(date -r "$SLUICE_BIN" '+%Y-%m-%d %H:%M')), workers = ${SLUICE_WORKERS:-1}"
     echo "- each run: pgbench -n -T $DURATION -j $THREADS, -c $CLIENTS unless noted; $ROUNDS rounds (the summary shows the median), targets interleaved per workload"
-    echo "- pool size $POOL_SIZE (transaction mode, md5), PostgreSQL max_connections=$PG_MAX_CONNECTIONS, fsync off, scale $SCALE"
+    echo "- pool size $POOL_SIZE (transaction mode, md5; both poolers log connections and disconnections, their default), PostgreSQL max_connections=$PG_MAX_CONNECTIONS, fsync off, scale $SCALE"
     echo "- pooler CPU µs/tx = (utime+stime ticks after − before) × 10⁶ / CLK_TCK($CLK_TCK) / transactions"
     echo "- workloads: select-* = -S -M simple/extended/prepared; tpcb = built-in TPC-B-like; connect-per-tx = -C -S (md5 login per transaction); clients-400 = -c 400 -S"
     echo
