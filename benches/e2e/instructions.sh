@@ -54,7 +54,7 @@ cg_control() {
 # The instruction count of the newest dump of OUT (FILE.1, FILE.2, ...).
 last_dump_total() {
     local out=$1 f
-    f=$(ls -1 "$out".* 2>/dev/null | sort -t. -k2 -n | tail -1)
+    f=$(ls -1v "$out".* 2>/dev/null | tail -1)
     [[ -n $f ]] || die "no callgrind dump at $out.*"
     awk '/^(summary|totals):/ {print $2; exit}' "$f"
 }
