@@ -30,23 +30,27 @@ impl Relay {
         max_len: u32,
     ) -> Result<ServerEvents, String> {
         let mut ev = ServerEvents::default();
-        loop {
+        // Handled messages are consumed once, at the end: one advance per read, not per message.
+        let mut pos = 0;
+        let mut wanted = 0;
+        let out = loop {
+            let rest = &rbuf[pos..];
             if self.streaming > 0 {
-                let n = self.streaming.min(rbuf.len());
+                let n = self.streaming.min(rest.len());
                 if n == 0 {
-                    return Ok(ev);
+                    break Ok(ev);
                 }
                 if !self.streaming_swallow {
-                    to_client.extend_from_slice(&rbuf[..n]);
+                    to_client.extend_from_slice(&rest[..n]);
                 }
-                rbuf.advance(n);
+                pos += n;
                 self.streaming -= n;
                 continue;
             }
-            let header = match frontend::peek_header(rbuf) {
+            let header = match frontend::peek_header(rest) {
                 Ok(Some(h)) => h,
-                Ok(None) => return Ok(ev),
-                Err(e) => return Err(e.to_string()),
+                Ok(None) => break Ok(ev),
+                Err(e) => break Err(e.to_string()),
             };
             let total = header.total_len();
             let bulk = matches!(header.tag, b'D' | b'd');
@@ -57,25 +61,30 @@ impl Relay {
                 continue;
             }
             if header.len > max_len {
-                return Err(format!(
+                break Err(format!(
                     "server message of {} bytes exceeds max_packet_size",
                     header.len
                 ));
             }
-            if rbuf.len() < total {
-                rbuf.reserve(total - rbuf.len());
-                return Ok(ev);
+            if rest.len() < total {
+                wanted = total;
+                break Ok(ev);
             }
             self.server_message(
                 header.tag,
-                &rbuf[..total],
+                &rest[..total],
                 client,
                 server,
                 to_client,
                 &mut ev,
             );
-            rbuf.advance(total);
+            pos += total;
+        };
+        rbuf.advance(pos);
+        if rbuf.len() < wanted {
+            rbuf.reserve(wanted - rbuf.len());
         }
+        out
     }
 
     fn swallowing(&self) -> bool {
@@ -128,9 +137,11 @@ impl Relay {
                 if tag == b'C' {
                     self.copy_in = false;
                     // How a transaction block ended decides the fate of SETs made inside it.
-                    match backend::decode_command_complete(body) {
-                        Ok("COMMIT") => self.block_end = Some(true),
-                        Ok("ROLLBACK") => self.block_end = Some(false),
+                    // The body is the command tag as a C string; compared as bytes, since
+                    // every other tag (SELECT 1, UPDATE 3, ...) needs no decoding here.
+                    match body {
+                        b"COMMIT\0" => self.block_end = Some(true),
+                        b"ROLLBACK\0" => self.block_end = Some(false),
                         _ => {}
                     }
                 }
