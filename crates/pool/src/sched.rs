@@ -451,11 +451,17 @@ impl<W> Scheduler<W> {
     }
 
     /// Picks the best eligible waiter for one free connection and accounts the grant.
+    #[inline]
     pub fn pick(&mut self, now: Instant) -> Option<(W, Grant, Duration)> {
         if self.waiters.is_empty() {
             // The common case at checkin: nobody waits, no class to scan.
             return None;
         }
+        self.pick_waiter(now)
+    }
+
+    #[inline(never)]
+    fn pick_waiter(&mut self, now: Instant) -> Option<(W, Grant, Duration)> {
         loop {
             let mut best: Option<(usize, (i64, u64), WaiterId)> = None;
             for (i, c) in self.classes.iter().enumerate() {
@@ -494,27 +500,33 @@ impl<W> Scheduler<W> {
     }
 
     /// Releases a grant. Waiters parked on its key return to their queues.
+    #[inline]
     pub fn release(&mut self, grant: &Grant) {
         self.active = self.active.saturating_sub(1);
         if let Some(c) = self.classes.get_mut(grant.class) {
             c.active = c.active.saturating_sub(1);
         }
         if let Some(k) = &grant.key {
-            let mut unparked = Vec::new();
-            if let Some(s) = self.keys.get_mut(k) {
-                s.active = s.active.saturating_sub(1);
-                if s.active < s.max_active {
-                    unparked.extend(s.parked.drain(..));
-                }
-            }
-            for id in unparked {
-                if let Some(w) = self.waiters.get_mut(&id) {
-                    w.parked = false;
-                    self.classes[w.ticket.class].queue.insert(w.order, id);
-                }
-            }
-            self.gc_key(Some(k));
+            self.release_key(k);
         }
+    }
+
+    #[inline(never)]
+    fn release_key(&mut self, k: &Arc<str>) {
+        let mut unparked = Vec::new();
+        if let Some(s) = self.keys.get_mut(k) {
+            s.active = s.active.saturating_sub(1);
+            if s.active < s.max_active {
+                unparked.extend(s.parked.drain(..));
+            }
+        }
+        for id in unparked {
+            if let Some(w) = self.waiters.get_mut(&id) {
+                w.parked = false;
+                self.classes[w.ticket.class].queue.insert(w.order, id);
+            }
+        }
+        self.gc_key(Some(k));
     }
 
     /// How many queued waiters could use a connection now: each class's queue, capped by its

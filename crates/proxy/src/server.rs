@@ -291,6 +291,10 @@ impl Poolable for ServerConn {
                 Err(_) => return false,
             }
         }
+        if self.rbuf.is_empty() {
+            // The common case: the server sent nothing while the connection was idle.
+            return true;
+        }
         while let Ok(Some((h, body))) = frontend::split_message(&mut self.rbuf, MAX_LOGIN_MESSAGE) {
             match h.tag {
                 b'E' => return false,

@@ -37,89 +37,42 @@ impl Stream {
     }
 }
 
-/// The read half of a borrowed [`Stream`].
-pub enum ReadHalf<'a> {
-    /// TCP.
-    Tcp(tokio::net::tcp::ReadHalf<'a>),
-    /// Unix.
-    Unix(tokio::net::unix::ReadHalf<'a>),
-}
-
-/// The write half of a borrowed [`Stream`].
-pub enum WriteHalf<'a> {
-    /// TCP.
-    Tcp(tokio::net::tcp::WriteHalf<'a>),
-    /// Unix.
-    Unix(tokio::net::unix::WriteHalf<'a>),
-}
-
-impl Stream {
-    /// Splits into halves that can be used at the same time.
-    pub fn split(&mut self) -> (ReadHalf<'_>, WriteHalf<'_>) {
-        match self {
-            Stream::Tcp(s) => {
-                let (r, w) = s.split();
-                (ReadHalf::Tcp(r), WriteHalf::Tcp(w))
-            }
-            Stream::Unix(s) => {
-                let (r, w) = s.split();
-                (ReadHalf::Unix(r), WriteHalf::Unix(w))
-            }
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Unix(s) => Pin::new(s).poll_read(cx, buf),
         }
     }
 }
 
-/// `AsyncRead` for an enum whose variants all implement it, by delegation.
-macro_rules! delegate_read {
-    ($ty:ty) => {
-        impl AsyncRead for $ty {
-            fn poll_read(
-                self: Pin<&mut Self>,
-                cx: &mut Context<'_>,
-                buf: &mut ReadBuf<'_>,
-            ) -> Poll<io::Result<()>> {
-                match self.get_mut() {
-                    Self::Tcp(s) => Pin::new(s).poll_read(cx, buf),
-                    Self::Unix(s) => Pin::new(s).poll_read(cx, buf),
-                }
-            }
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Unix(s) => Pin::new(s).poll_write(cx, buf),
         }
-    };
-}
+    }
 
-/// `AsyncWrite` for an enum whose variants all implement it, by delegation.
-macro_rules! delegate_write {
-    ($ty:ty) => {
-        impl AsyncWrite for $ty {
-            fn poll_write(
-                self: Pin<&mut Self>,
-                cx: &mut Context<'_>,
-                buf: &[u8],
-            ) -> Poll<io::Result<usize>> {
-                match self.get_mut() {
-                    Self::Tcp(s) => Pin::new(s).poll_write(cx, buf),
-                    Self::Unix(s) => Pin::new(s).poll_write(cx, buf),
-                }
-            }
-
-            fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-                match self.get_mut() {
-                    Self::Tcp(s) => Pin::new(s).poll_flush(cx),
-                    Self::Unix(s) => Pin::new(s).poll_flush(cx),
-                }
-            }
-
-            fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-                match self.get_mut() {
-                    Self::Tcp(s) => Pin::new(s).poll_shutdown(cx),
-                    Self::Unix(s) => Pin::new(s).poll_shutdown(cx),
-                }
-            }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => Pin::new(s).poll_flush(cx),
+            Stream::Unix(s) => Pin::new(s).poll_flush(cx),
         }
-    };
-}
+    }
 
-delegate_read!(Stream);
-delegate_write!(Stream);
-delegate_read!(ReadHalf<'_>);
-delegate_write!(WriteHalf<'_>);
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Unix(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}

@@ -33,15 +33,16 @@ impl Relay {
         // Handled messages are consumed once, at the end: one advance per read, not per message.
         let mut pos = 0;
         let mut wanted = 0;
-        let out = loop {
-            let rest = &rbuf[pos..];
+        let mut out = ToClient::new(to_client, rbuf);
+        let result = loop {
+            let rest = &out.src[pos..];
             if self.streaming > 0 {
                 let n = self.streaming.min(rest.len());
                 if n == 0 {
                     break Ok(ev);
                 }
                 if !self.streaming_swallow {
-                    to_client.extend_from_slice(&rest[..n]);
+                    out.forward(pos, pos + n);
                 }
                 pos += n;
                 self.streaming -= n;
@@ -70,37 +71,35 @@ impl Relay {
                 wanted = total;
                 break Ok(ev);
             }
-            self.server_message(
-                header.tag,
-                &rest[..total],
-                client,
-                server,
-                to_client,
-                &mut ev,
-            );
+            self.server_message(header.tag, pos, total, client, server, &mut out, &mut ev);
             pos += total;
         };
+        out.flush();
         rbuf.advance(pos);
         if rbuf.len() < wanted {
             rbuf.reserve(wanted - rbuf.len());
         }
-        out
+        result
     }
 
     fn swallowing(&self) -> bool {
         matches!(self.queue.front(), Some(Entry::Query { swallow: true, .. }))
     }
 
+    /// Handles the message at `src[at..at + len]` of `out`.
+    #[allow(clippy::too_many_arguments)]
     fn server_message(
         &mut self,
         tag: u8,
-        raw: &[u8],
+        at: usize,
+        len: usize,
         client: &mut ClientSide<'_>,
         server: &mut ServerConn,
-        to_client: &mut BytesMut,
+        out: &mut ToClient<'_>,
         ev: &mut ServerEvents,
     ) {
-        let body = &raw[5..];
+        let src = out.src;
+        let body = &src[at + 5..at + len];
         let mut forward = !self.swallowing();
         match tag {
             b'1' => {
@@ -163,7 +162,7 @@ impl Relay {
                         // Sluice, with the server's reason, instead of a FATAL meant for Sluice.
                         server.broken = true;
                         server.fatal = Some(f.message);
-                        self.drain_synth(to_client);
+                        self.drain_synth(out);
                         return;
                     }
                 }
@@ -207,7 +206,7 @@ impl Relay {
                             forward = false;
                             ev.ready = false;
                             self.retries += 1;
-                            self.replay(from, client, server, to_client);
+                            self.replay(from, client, server, out.flush());
                         }
                     }
                     None => {}
@@ -234,9 +233,9 @@ impl Relay {
             _ => {}
         }
         if forward {
-            to_client.extend_from_slice(raw);
+            out.forward(at, at + len);
         }
-        self.drain_synth(to_client);
+        self.drain_synth(out);
     }
 
     fn pop_if(&mut self, f: impl Fn(&Entry) -> bool) {
@@ -245,10 +244,20 @@ impl Relay {
         }
     }
 
-    fn drain_synth(&mut self, to_client: &mut BytesMut) {
+    /// Sends the answers Sluice owes the client that are now at the head of the queue.
+    /// Inline: it runs after every server message, and there is rarely anything to send.
+    #[inline]
+    fn drain_synth(&mut self, out: &mut ToClient<'_>) {
+        if matches!(self.queue.front(), Some(Entry::Synth { .. })) {
+            self.emit_synth(out);
+        }
+    }
+
+    #[inline(never)]
+    fn emit_synth(&mut self, out: &mut ToClient<'_>) {
         while let Some(Entry::Synth { .. }) = self.queue.front() {
             if let Some(Entry::Synth { msg, .. }) = self.queue.pop_front() {
-                emit(&msg, to_client);
+                emit(&msg, out.flush());
             }
         }
     }
@@ -441,6 +450,45 @@ pub(super) fn apply_change(
             params.reset_all();
             server.applied.clear();
         }
+    }
+}
+
+/// The client's output buffer while one read's server messages are handled. Forwarded messages
+/// that follow each other in the read buffer are copied in one piece (a result set's rows go
+/// out in a single copy); anything Sluice writes itself first flushes that run, so the order
+/// of the stream is kept.
+struct ToClient<'a> {
+    buf: &'a mut BytesMut,
+    src: &'a [u8],
+    /// The run of `src` to copy, not yet in `buf`.
+    run: std::ops::Range<usize>,
+}
+
+impl<'a> ToClient<'a> {
+    fn new(buf: &'a mut BytesMut, src: &'a [u8]) -> Self {
+        ToClient {
+            buf,
+            src,
+            run: 0..0,
+        }
+    }
+
+    /// Forwards `src[start..end]`.
+    fn forward(&mut self, start: usize, end: usize) {
+        if self.run.end != start || self.run.is_empty() {
+            self.flush();
+            self.run.start = start;
+        }
+        self.run.end = end;
+    }
+
+    /// Copies the pending run and returns the buffer, for writing after it.
+    fn flush(&mut self) -> &mut BytesMut {
+        if !self.run.is_empty() {
+            self.buf.extend_from_slice(&self.src[self.run.clone()]);
+            self.run = 0..0;
+        }
+        self.buf
     }
 }
 

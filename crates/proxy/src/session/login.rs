@@ -311,7 +311,10 @@ impl Session {
         if known && unchecked.is_empty() {
             return Ok(());
         }
-        let mut guard = self.checkout(io, true).await?;
+        let mut guard = match self.checkout_now() {
+            Some(g) => g,
+            None => self.checkout(io, true).await?,
+        };
         if !known {
             let mut welcome: Vec<(String, String)> = guard
                 .params

@@ -1,13 +1,17 @@
 //! A client session: startup, authentication, admission, then transactions, each on whichever
 //! server connection the scheduler grants.
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_util::io::poll_read_buf;
 use tracing::{debug, info, warn};
 
 use sluice_policy::{
@@ -40,6 +44,14 @@ use relay_loop::run_simple;
 
 /// Most bytes buffered toward one side before Sluice stops reading the other.
 const HIGH_WATER: usize = 256 * 1024;
+
+/// What ended a wait between transactions.
+enum IdleEvent {
+    Data,
+    Closed,
+    Ended,
+    TimedOut,
+}
 
 /// How a session ended, for the disconnect log.
 #[derive(Debug)]
@@ -203,7 +215,20 @@ impl Session {
         }
     }
 
-    /// Waits for a server connection: the scheduler decides when. Sends a NOTICE after
+    /// A free server connection at once, if the pool has one for this client and no rate
+    /// limit applies: the common case, without the waiting machinery.
+    fn checkout_now(&self) -> Option<ServerGuard> {
+        if self.rate.is_some() {
+            return None;
+        }
+        let g = self.pool.pool.try_checkout(&self.ticket)?.check()?;
+        self.info.set_state(ClientState::Active);
+        self.info.server_pid.store(g.pid, Ordering::Relaxed);
+        Some(g)
+    }
+
+    /// Waits for a server connection: the scheduler decides when. Callers try
+    /// [`Self::checkout_now`] first. Sends a NOTICE after
     /// `query_wait_notify`, gives up on a cancel request or a client that goes away.
     async fn checkout(
         &mut self,
@@ -230,18 +255,6 @@ impl Session {
             }
             if !wait.is_zero() {
                 tokio::time::sleep(wait).await;
-            }
-        }
-        if self.rate.is_none() {
-            if let Some(g) = self
-                .pool
-                .pool
-                .try_checkout(&self.ticket)
-                .and_then(|g| g.check())
-            {
-                self.info.set_state(ClientState::Active);
-                self.info.server_pid.store(g.pid, Ordering::Relaxed);
-                return Ok(g);
             }
         }
         self.info.set_state(ClientState::Waiting);
@@ -359,7 +372,7 @@ impl Session {
                     _ => break,
                 }
             }
-            if io.flush().await.is_err() {
+            if !io.wbuf.is_empty() && io.flush().await.is_err() {
                 return End::Client;
             }
             if info.kill.idle_should_end() {
@@ -372,22 +385,37 @@ impl Session {
                     Err(end) => return end,
                 }
             }
-            let idle_timeout = self.settings().client_idle_timeout;
-            let idle = async {
-                match idle_timeout {
-                    Some(t) => tokio::time::sleep(t).await,
-                    None => std::future::pending().await,
+            // Wait for the next message, a graceful shutdown, or client_idle_timeout.
+            // Boxed: a timer is large, and most setups have none.
+            let mut idle = self
+                .settings()
+                .client_idle_timeout
+                .map(|t| Box::pin(tokio::time::sleep(t)));
+            let event = std::future::poll_fn(|cx| {
+                match poll_read_buf(Pin::new(&mut io.stream), cx, &mut io.rbuf) {
+                    Poll::Ready(Ok(0) | Err(_)) => return Poll::Ready(IdleEvent::Closed),
+                    Poll::Ready(Ok(_)) => return Poll::Ready(IdleEvent::Data),
+                    Poll::Pending => {}
                 }
-            };
-            tokio::select! {
-                biased;
-                r = io.fill() => match r {
-                    Ok(()) => {}
-                    Err(_) => return End::Client,
-                },
-                _ = &mut idle_end => return End::Terminated,
-                _ = idle => {
-                    io.send_error(&ErrorFields::fatal(SqlState::IDLE_SESSION_TIMEOUT, "client_idle_timeout: closing idle client connection")).await;
+                if idle_end.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(IdleEvent::Ended);
+                }
+                match idle.as_mut().map(|t| t.as_mut().poll(cx)) {
+                    Some(Poll::Ready(())) => Poll::Ready(IdleEvent::TimedOut),
+                    _ => Poll::Pending,
+                }
+            })
+            .await;
+            match event {
+                IdleEvent::Data => {}
+                IdleEvent::Closed => return End::Client,
+                IdleEvent::Ended => return End::Terminated,
+                IdleEvent::TimedOut => {
+                    io.send_error(&ErrorFields::fatal(
+                        SqlState::IDLE_SESSION_TIMEOUT,
+                        "client_idle_timeout: closing idle client connection",
+                    ))
+                    .await;
                     return End::Timeout("client_idle_timeout");
                 }
             }
@@ -465,7 +493,7 @@ impl Session {
     async fn transaction(&mut self, io: &mut ClientIo) -> Result<(), End> {
         let shared = self.shared.clone();
         let policy = &shared.policy;
-        let mut ticket = self.ticket.clone();
+        let mut priority = None;
         let mut timeout_ms = None;
         if policy.wants(Hook::Transaction) || policy.wants(Hook::Query) {
             let query = self.first_statement(io);
@@ -495,8 +523,8 @@ impl Session {
                 };
                 match d {
                     TransactionDecision::Proceed(p) => {
-                        if let Some(pr) = p.priority {
-                            ticket.priority = pr;
+                        if p.priority.is_some() {
+                            priority = p.priority;
                         }
                         if p.timeout_ms.is_some() {
                             timeout_ms = p.timeout_ms;
@@ -513,9 +541,17 @@ impl Session {
                 }
             }
         }
-        let saved = std::mem::replace(&mut self.ticket, ticket);
-        let checkout = self.checkout(io, false).await;
-        self.ticket = saved;
+        // Without a policy's priority, the free-connection case builds no future at all.
+        let checkout = match (priority, self.checkout_now()) {
+            (_, Some(g)) => Ok(g),
+            (None, None) => self.checkout(io, false).await,
+            (Some(pr), None) => {
+                let saved = std::mem::replace(&mut self.ticket.priority, pr);
+                let r = self.checkout(io, false).await;
+                self.ticket.priority = saved;
+                r
+            }
+        };
         let mut guard = match checkout {
             Ok(g) => g,
             Err(f) => return self.refuse_batch(io, f).await,

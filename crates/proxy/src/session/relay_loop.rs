@@ -1,7 +1,22 @@
 //! The relay loop: one transaction's bytes between client and server, with the IO the
 //! relay state machine leaves out.
 
+use tokio::io::AsyncWrite;
+
 use super::*;
+
+/// What ended one wait of the relay loop.
+enum Event {
+    /// Bytes moved (a write, or a read from the client): look at the buffers again.
+    Progress,
+    /// The server sent bytes.
+    ServerData,
+    ServerClosed,
+    ServerWriteFailed,
+    ClientClosed,
+    IdleTimeout,
+    Killed,
+}
 
 impl Session {
     /// Relays between client and server until the server connection is free.
@@ -35,6 +50,8 @@ impl Session {
         // Registered once for the whole transaction, not once per wake-up.
         let killed = self.info.kill.flipped();
         tokio::pin!(killed);
+        // Created once per transaction, and only when the timeout is set.
+        let mut idle_timer = idle_tx.map(|t| Box::pin(tokio::time::sleep(t)));
         let mut statements = 0u32;
         loop {
             // Forward every whole client message.
@@ -134,75 +151,120 @@ impl Session {
             }
             let read_client = to_server.len() < HIGH_WATER;
             let read_server = io.wbuf.len() < HIGH_WATER;
-            let idle_wait = async {
-                match idle_tx {
-                    Some(t)
-                        if !relay.waiting_for_server()
-                            && server.status != TransactionStatus::Idle =>
-                    {
-                        tokio::time::sleep(t).await
-                    }
-                    _ => std::future::pending().await,
+            // The idle-in-transaction clock runs while the client owes the next message, and
+            // restarts at every event.
+            let idle_armed =
+                !relay.waiting_for_server() && server.status != TransactionStatus::Idle;
+            if let (Some(t), Some(timer)) = (idle_tx, idle_timer.as_mut()) {
+                if idle_armed {
+                    timer.as_mut().reset(tokio::time::Instant::now() + t);
                 }
-            };
-            let (mut cr, mut cw) = io.stream.split();
-            let (mut sr, mut sw) = server.stream.split();
-            tokio::select! {
-                biased;
-                r = sr.read_buf(&mut server.rbuf), if read_server => {
-                    match r {
-                        Ok(0) | Err(_) => {
-                            server.broken = true;
-                            let mut f = ErrorFields::fatal(SqlState::CONNECTION_FAILURE, "server connection lost: the server closed the connection unexpectedly");
-                            if let Some(reason) = server.fatal.take() {
-                                f = f.with_detail(format!("The server said: {reason}"));
-                            }
-                            let _ = (cr, cw);
-                            io.send_error(&f).await;
-                            return Err(End::Server(f.message));
-                        }
-                        Ok(_) => {
-                            let mut side = ClientSide { statements: &mut self.statements, params: &mut self.params, registry: &self.shared.registry };
-                            let out = relay.server_output(&mut side, server, &mut io.wbuf, max);
-                            server.quiet = relay.quiescent();
-                            if !relay.upstream.is_empty() {
-                                to_server.extend_from_slice(&relay.upstream);
-                                relay.upstream.clear();
-                            }
-                            if let Err(e) = out {
-                                server.broken = true;
-                                let _ = (cr, cw);
-                                let f = ErrorFields::fatal(SqlState::CONNECTION_FAILURE, format!("server connection lost: {e}"));
-                                io.send_error(&f).await;
-                                return Err(End::Server(e));
-                            }
-                        }
+            }
+            // One hand-written poll over both sockets, the timer and the kill switch, in this
+            // order of priority: the server's answers first, then writes, then the client.
+            let event = std::future::poll_fn(|cx| {
+                if read_server {
+                    match poll_read_buf(Pin::new(&mut server.stream), cx, &mut server.rbuf) {
+                        Poll::Ready(Ok(0) | Err(_)) => return Poll::Ready(Event::ServerClosed),
+                        Poll::Ready(Ok(_)) => return Poll::Ready(Event::ServerData),
+                        Poll::Pending => {}
                     }
                 }
-                r = cw.write_buf(&mut io.wbuf), if !io.wbuf.is_empty() => {
-                    if r.is_err() { return Err(End::Client); }
+                if !io.wbuf.is_empty() {
+                    match Pin::new(&mut io.stream).poll_write(cx, &io.wbuf) {
+                        Poll::Ready(Ok(n)) => {
+                            io.wbuf.advance(n);
+                            return Poll::Ready(Event::Progress);
+                        }
+                        Poll::Ready(Err(_)) => return Poll::Ready(Event::ClientClosed),
+                        Poll::Pending => {}
+                    }
                 }
-                r = sw.write_buf(&mut to_server), if !to_server.is_empty() => {
-                    if r.is_err() {
+                if !to_server.is_empty() {
+                    match Pin::new(&mut server.stream).poll_write(cx, &to_server) {
+                        Poll::Ready(Ok(n)) => {
+                            to_server.advance(n);
+                            return Poll::Ready(Event::Progress);
+                        }
+                        Poll::Ready(Err(_)) => return Poll::Ready(Event::ServerWriteFailed),
+                        Poll::Pending => {}
+                    }
+                }
+                if read_client {
+                    match poll_read_buf(Pin::new(&mut io.stream), cx, &mut io.rbuf) {
+                        Poll::Ready(Ok(0) | Err(_)) => return Poll::Ready(Event::ClientClosed),
+                        Poll::Ready(Ok(_)) => return Poll::Ready(Event::Progress),
+                        Poll::Pending => {}
+                    }
+                }
+                if idle_armed {
+                    if let Some(timer) = idle_timer.as_mut() {
+                        if timer.as_mut().poll(cx).is_ready() {
+                            return Poll::Ready(Event::IdleTimeout);
+                        }
+                    }
+                }
+                if killed.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Event::Killed);
+                }
+                Poll::Pending
+            })
+            .await;
+            match event {
+                Event::Progress => {}
+                Event::ServerData => {
+                    let mut side = ClientSide {
+                        statements: &mut self.statements,
+                        params: &mut self.params,
+                        registry: &self.shared.registry,
+                    };
+                    let out = relay.server_output(&mut side, server, &mut io.wbuf, max);
+                    server.quiet = relay.quiescent();
+                    if !relay.upstream.is_empty() {
+                        to_server.extend_from_slice(&relay.upstream);
+                        relay.upstream.clear();
+                    }
+                    if let Err(e) = out {
                         server.broken = true;
-                        let _ = (cr, cw);
-                        let f = ErrorFields::fatal(SqlState::CONNECTION_FAILURE, "server connection lost while sending");
+                        let f = ErrorFields::fatal(
+                            SqlState::CONNECTION_FAILURE,
+                            format!("server connection lost: {e}"),
+                        );
                         io.send_error(&f).await;
-                        return Err(End::Server(f.message));
+                        return Err(End::Server(e));
                     }
                 }
-                r = cr.read_buf(&mut io.rbuf), if read_client => {
-                    match r {
-                        Ok(0) | Err(_) => return Err(End::Client),
-                        Ok(_) => {}
+                Event::ServerClosed => {
+                    server.broken = true;
+                    let mut f = ErrorFields::fatal(
+                        SqlState::CONNECTION_FAILURE,
+                        "server connection lost: the server closed the connection unexpectedly",
+                    );
+                    if let Some(reason) = server.fatal.take() {
+                        f = f.with_detail(format!("The server said: {reason}"));
                     }
+                    io.send_error(&f).await;
+                    return Err(End::Server(f.message));
                 }
-                _ = idle_wait => {
-                    let _ = (cr, cw);
-                    io.send_error(&ErrorFields::fatal(SqlState::IDLE_IN_TRANSACTION_SESSION_TIMEOUT, "idle_transaction_timeout: terminating connection due to idle-in-transaction timeout")).await;
+                Event::ServerWriteFailed => {
+                    server.broken = true;
+                    let f = ErrorFields::fatal(
+                        SqlState::CONNECTION_FAILURE,
+                        "server connection lost while sending",
+                    );
+                    io.send_error(&f).await;
+                    return Err(End::Server(f.message));
+                }
+                Event::ClientClosed => return Err(End::Client),
+                Event::IdleTimeout => {
+                    io.send_error(&ErrorFields::fatal(
+                        SqlState::IDLE_IN_TRANSACTION_SESSION_TIMEOUT,
+                        "idle_transaction_timeout: terminating connection due to idle-in-transaction timeout",
+                    ))
+                    .await;
                     return Err(End::Timeout("idle_transaction_timeout"));
                 }
-                _ = &mut killed => return Err(End::Terminated),
+                Event::Killed => return Err(End::Terminated),
             }
         }
     }
