@@ -33,6 +33,14 @@ PGB_PORT="" PGB_PID="" PGB_WRAPPER_PID=""
 SLUICE_PORT="" SLUICE_PID=""
 EXTRA_PIDS=()   # background clients (storm), stopped on exit
 
+# Each server runs in a session of its own, as a service manager would start it. The kernel's
+# autogroup scheduler then gives PostgreSQL, the pooler and the benchmark script (pgbench) a
+# CPU share each, as separate services get on a real host. pg_ctl already detaches PostgreSQL;
+# without this the pooler would share one group, and one CPU share, with pgbench. SHARED_SESSION=1
+# keeps both poolers in the script's session instead.
+OWN_SESSION=()
+[[ ${SHARED_SESSION:-0} == 1 ]] || OWN_SESSION=(setsid)
+
 log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }
 
@@ -214,7 +222,7 @@ EOF
     rm -f "$dir/pgbouncer.pid"
     # runuser forks, so its PID is not PgBouncer's: read the real one from the pidfile.
     # shellcheck disable=SC2086  # POOLER_WRAP is a command prefix, split on purpose
-    (cd "$dir" && exec runuser -u postgres -- ${POOLER_WRAP:-} "$PGBOUNCER" "$dir/pgbouncer.ini") \
+    (cd "$dir" && exec "${OWN_SESSION[@]}" runuser -u postgres -- ${POOLER_WRAP:-} "$PGBOUNCER" "$dir/pgbouncer.ini") \
         >"$dir/stdout.log" 2>&1 &
     PGB_WRAPPER_PID=$!
     local i
@@ -265,7 +273,9 @@ EOF
         cat "$extra" >>"$dir/sluice.toml"
     fi
     # shellcheck disable=SC2086  # POOLER_WRAP is a command prefix, split on purpose
-    ${POOLER_WRAP:-} "$SLUICE_BIN" --config "$dir/sluice.toml" >"$dir/sluice.log" 2>&1 &
+    # setsid execs in place here (a background job of a script leads no process group), so $!
+    # is Sluice's PID.
+    "${OWN_SESSION[@]}" ${POOLER_WRAP:-} "$SLUICE_BIN" --config "$dir/sluice.toml" >"$dir/sluice.log" 2>&1 &
     SLUICE_PID=$!
     wait_pooler "sluice ($name)" "$SLUICE_PORT" "$SLUICE_PID" "$dir/sluice.log"
     log "sluice ($name) pid $SLUICE_PID on port $SLUICE_PORT (config $dir/sluice.toml)"

@@ -14,7 +14,8 @@
 #   --workloads LIST   comma list of workload names (default all; env WORKLOADS):
 #                      select-simple select-extended select-prepared tpcb connect-per-tx clients-400
 # Other env: SCALE (10), POOL_SIZE (20), SLUICE_BIN, SLUICE_WORKERS (1, like PgBouncer's one
-#            thread), PG_BIN, RESULTS_DIR (benches/results),
+#            thread), PG_BIN, RESULTS_DIR (benches/results), SHARED_SESSION=1 (run both poolers
+#            in this script's session, sharing pgbench's autogroup, instead of one each),
 #            KEEP_WORK=1 keeps the temp dir (pgbench logs, pooler logs).
 # Run as root (PostgreSQL and PgBouncer are started as the postgres user). Needs ~5 free minutes
 # per round at the defaults.
@@ -156,6 +157,11 @@ done
     [[ ",$TARGETS," == *,sluice,* ]] && echo "- sluice: $(basename "$SLUICE_BIN") binary (built $(date -r "$SLUICE_BIN" '+%Y-%m-%d %H:%M')), workers = ${SLUICE_WORKERS:-1}"
     echo "- each run: pgbench -n -T $DURATION -j $THREADS, -c $CLIENTS unless noted; $ROUNDS rounds (the summary shows the median), targets interleaved per workload"
     echo "- pool size $POOL_SIZE (transaction mode, md5; both poolers log connections and disconnections, their default), PostgreSQL max_connections=$PG_MAX_CONNECTIONS, fsync off, scale $SCALE"
+    if [[ ${SHARED_SESSION:-0} == 1 ]]; then
+        echo "- both poolers run in the benchmark script's session (SHARED_SESSION=1): one autogroup, one CPU share, with pgbench"
+    else
+        echo "- PostgreSQL, PgBouncer and Sluice each run in a session of their own (autogroup: a CPU share each, like separate services); pgbench runs in the script's"
+    fi
     echo "- pooler CPU µs/tx = (utime+stime ticks after − before) × 10⁶ / CLK_TCK($CLK_TCK) / transactions"
     echo "- workloads: select-* = -S -M simple/extended/prepared; tpcb = built-in TPC-B-like; connect-per-tx = -C -S (md5 login per transaction); clients-400 = -c 400 -S"
     echo
