@@ -70,6 +70,23 @@ pub enum End {
     Terminated,
 }
 
+impl std::fmt::Display for End {
+    // Written piece by piece: the disconnect line runs once per client, and a derived Debug
+    // through core::fmt cost as much as the rest of the line.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (what, detail) = match self {
+            End::Client => ("client left", ""),
+            End::Refused(m) => ("refused: ", m.as_str()),
+            End::Protocol(m) => ("protocol error: ", m.as_str()),
+            End::Server(m) => ("server error: ", m.as_str()),
+            End::Timeout(t) => ("timeout: ", *t),
+            End::Terminated => ("terminated", ""),
+        };
+        f.write_str(what)?;
+        f.write_str(detail)
+    }
+}
+
 /// Runs one client connection to the end.
 pub async fn run(shared: Arc<Shared>, stream: Stream, peer: Option<SocketAddr>) {
     let mut io = ClientIo::new(stream);
@@ -109,7 +126,7 @@ pub async fn run(shared: Arc<Shared>, stream: Stream, peer: Option<SocketAddr>) 
         }
         Ok(None) => return,
         Err(end) => {
-            debug!(peer = %Peer(peer), reason = ?end, "login failed");
+            debug!(peer = %Peer(peer), reason = %end, "login failed");
             return;
         }
     };
@@ -117,7 +134,7 @@ pub async fn run(shared: Arc<Shared>, stream: Stream, peer: Option<SocketAddr>) 
     let info = session.info.clone();
     let end = session.serve(io).await;
     if log {
-        info!(client.id = info.id, user = info.user.as_str(), db = info.db.as_str(), duration_ms = start.elapsed().as_millis() as u64, reason = ?end, "client disconnected");
+        info!(client.id = info.id, user = info.user.as_str(), db = info.db.as_str(), duration_ms = start.elapsed().as_millis() as u64, reason = %end, "client disconnected");
     }
 }
 
