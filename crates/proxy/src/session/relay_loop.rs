@@ -117,15 +117,7 @@ impl Session {
                 match server.stream.try_write(&to_server) {
                     Ok(n) => to_server.advance(n),
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                    Err(_) => {
-                        server.broken = true;
-                        let f = ErrorFields::fatal(
-                            SqlState::CONNECTION_FAILURE,
-                            "server connection lost while sending",
-                        );
-                        io.send_error(&f).await;
-                        return Err(End::Server(f.message));
-                    }
+                    Err(_) => return Err(lost_while_sending(server, io).await),
                 }
             }
             if !io.wbuf.is_empty() {
@@ -246,15 +238,7 @@ impl Session {
                     io.send_error(&f).await;
                     return Err(End::Server(f.message));
                 }
-                Event::ServerWriteFailed => {
-                    server.broken = true;
-                    let f = ErrorFields::fatal(
-                        SqlState::CONNECTION_FAILURE,
-                        "server connection lost while sending",
-                    );
-                    io.send_error(&f).await;
-                    return Err(End::Server(f.message));
-                }
+                Event::ServerWriteFailed => return Err(lost_while_sending(server, io).await),
                 Event::ClientClosed => return Err(End::Client),
                 Event::IdleTimeout => {
                     io.send_error(&ErrorFields::fatal(
@@ -318,6 +302,17 @@ impl Session {
             }
         }
     }
+}
+
+/// The server connection broke while Sluice was sending to it: the client hears 08006.
+async fn lost_while_sending(server: &mut ServerConn, io: &mut ClientIo) -> End {
+    server.broken = true;
+    let f = ErrorFields::fatal(
+        SqlState::CONNECTION_FAILURE,
+        "server connection lost while sending",
+    );
+    io.send_error(&f).await;
+    End::Server(f.message)
 }
 
 /// Sends one simple query and reads to ReadyForQuery. Returns the ParameterStatus values seen,
