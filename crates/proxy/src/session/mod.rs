@@ -558,17 +558,16 @@ impl Session {
                 }
             }
         }
-        // Without a policy's priority, the free-connection case builds no future at all.
-        let checkout = match (priority, self.checkout_now()) {
-            (_, Some(g)) => Ok(g),
-            (None, None) => self.checkout(io, false).await,
-            (Some(pr), None) => {
-                let saved = std::mem::replace(&mut self.ticket.priority, pr);
-                let r = self.checkout(io, false).await;
-                self.ticket.priority = saved;
-                r
-            }
+        // A policy's priority applies to this transaction only. A free connection is taken
+        // without building the waiting future.
+        let saved = priority.map(|pr| std::mem::replace(&mut self.ticket.priority, pr));
+        let checkout = match self.checkout_now() {
+            Some(g) => Ok(g),
+            None => self.checkout(io, false).await,
         };
+        if let Some(p) = saved {
+            self.ticket.priority = p;
+        }
         let mut guard = match checkout {
             Ok(g) => g,
             Err(f) => return self.refuse_batch(io, f).await,
