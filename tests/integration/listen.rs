@@ -1,6 +1,12 @@
-//! Listeners: the optional unix socket serves clients like the TCP port does.
+//! Listeners: the optional unix socket serves clients like the TCP port does; TCP clients are
+//! accepted once they speak.
 
-use sluice_tests::harness::{ConfigBuilder, PgCluster, SluiceHandle};
+use std::time::Duration;
+
+use sluice_tests::harness::ops::{metric, scrape_metrics};
+use sluice_tests::harness::{eventually, ConfigBuilder, PgCluster, SluiceHandle};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn unix_socket_listener_serves_clients() {
@@ -30,5 +36,71 @@ async fn unix_socket_listener_serves_clients() {
         assert_eq!(row.get::<_, i32>(0), i);
     }
     drop(client);
+    sluice.shutdown().await;
+}
+
+/// The `sluice_client_connections_total` counter: clients Sluice has accepted.
+async fn accepted(metrics: std::net::SocketAddr) -> f64 {
+    let text = scrape_metrics(metrics).await.expect("scrape");
+    metric(&text, "sluice_client_connections_total").expect("the accepted counter")
+}
+
+/// `tcp_defer_accept` (on by default on Linux, as in PgBouncer): a connection that has sent
+/// nothing stays with the kernel; once it speaks, Sluice accepts and answers it.
+#[cfg(target_os = "linux")]
+#[tokio::test(flavor = "multi_thread")]
+async fn silent_connections_are_accepted_once_they_speak() {
+    let pg = PgCluster::shared();
+    let sluice =
+        SluiceHandle::start(ConfigBuilder::new(pg).set_str("metrics_addr", "127.0.0.1:0")).await;
+    let metrics = sluice.running().metrics_addr().expect("metrics listener");
+    let mut silent = Vec::new();
+    for _ in 0..3 {
+        silent.push(TcpStream::connect(sluice.addr()).await.expect("connect"));
+    }
+    // A client that speaks is served meanwhile, and it is the only one accepted.
+    let client = sluice.connect("app", "appdb").await;
+    let row = client.query_one("select 1 + 1", &[]).await.expect("query");
+    assert_eq!(row.get::<_, i32>(0), 2);
+    assert_eq!(
+        accepted(metrics).await,
+        1.0,
+        "silent connections were accepted"
+    );
+    // One silent connection speaks (an SSLRequest): accepted and answered 'N'.
+    let mut s = silent.pop().expect("three");
+    s.write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f])
+        .await
+        .expect("SSLRequest");
+    let mut answer = [0u8; 1];
+    tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut answer))
+        .await
+        .expect("answered in time")
+        .expect("read");
+    assert_eq!(&answer, b"N");
+    assert_eq!(accepted(metrics).await, 2.0);
+    drop(client);
+    sluice.shutdown().await;
+}
+
+/// With `tcp_defer_accept = false`, Sluice accepts a connection before it says anything.
+#[tokio::test(flavor = "multi_thread")]
+async fn without_defer_accept_silent_connections_are_accepted() {
+    let pg = PgCluster::shared();
+    let sluice = SluiceHandle::start(
+        ConfigBuilder::new(pg)
+            .set_str("metrics_addr", "127.0.0.1:0")
+            .set("tcp_defer_accept", "false"),
+    )
+    .await;
+    let metrics = sluice.running().metrics_addr().expect("metrics listener");
+    let _silent = TcpStream::connect(sluice.addr()).await.expect("connect");
+    eventually(
+        "the silent connection accepted",
+        Duration::from_secs(10),
+        || async { Ok((accepted(metrics).await == 1.0).then_some(())) },
+    )
+    .await
+    .expect("accepted");
     sluice.shutdown().await;
 }

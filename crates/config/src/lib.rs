@@ -119,6 +119,8 @@ pub struct General {
     pub metrics_addr: Option<SocketAddr>,
     /// Enable TCP keepalive on client and server sockets.
     pub tcp_keepalive: bool,
+    /// Accept a TCP client only once its first bytes arrived (`TCP_DEFER_ACCEPT`, Linux).
+    pub tcp_defer_accept: bool,
 }
 
 /// A `[databases.NAME]` entry: where clients connecting to `NAME` are sent. `None` overrides fall

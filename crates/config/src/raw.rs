@@ -62,6 +62,7 @@ pub(crate) struct RawGeneral {
     pub stats_period: Dur,
     pub metrics_addr: Option<String>,
     pub tcp_keepalive: bool,
+    pub tcp_defer_accept: bool,
 }
 
 /// The defaults, PgBouncer's wherever the setting means the same (see config/sluice.toml).
@@ -105,6 +106,7 @@ impl Default for RawGeneral {
             stats_period: Dur::secs(60),
             metrics_addr: None,
             tcp_keepalive: true,
+            tcp_defer_accept: cfg!(target_os = "linux"),
         }
     }
 }

@@ -234,6 +234,7 @@ fn general(g: RawGeneral) -> Result<General> {
         stats_period: g.stats_period.or_disabled(),
         metrics_addr,
         tcp_keepalive: g.tcp_keepalive,
+        tcp_defer_accept: g.tcp_defer_accept,
     })
 }
 

@@ -458,6 +458,11 @@ impl Admin {
                 let mut t = Table::new(&["key", "value", "changeable"]);
                 for (k, v, ch) in [
                     ("listen_port", g.listen_port.to_string(), "no"),
+                    (
+                        "tcp_defer_accept",
+                        u8::from(g.tcp_defer_accept).to_string(),
+                        "no",
+                    ),
                     ("pool_mode", "transaction".to_string(), "no"),
                     ("auth_type", g.auth_type.as_str().to_string(), "yes"),
                     ("max_client_conn", g.max_client_conn.to_string(), "yes"),

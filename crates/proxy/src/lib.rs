@@ -93,6 +93,11 @@ impl Proxy {
                 addr: addr.to_string(),
                 source,
             })?;
+            if g.tcp_defer_accept {
+                if let Err(e) = defer_accept(&l) {
+                    warn!(addr = %bound, error = %e, "tcp_defer_accept: cannot set TCP_DEFER_ACCEPT");
+                }
+            }
             // With port 0, every address shares the port the first one got.
             port = bound.port();
             local_addr.get_or_insert(bound);
@@ -330,6 +335,37 @@ async fn accept_tcp(shared: Arc<Shared>, listener: TcpListener, permits: Arc<Sem
             }
         }
     }
+}
+
+/// How long the kernel holds a connection that has sent nothing, as PgBouncer sets it.
+const DEFER_ACCEPT_SECS: libc::c_int = 45;
+
+/// Accept a client only once its first bytes arrived: every PostgreSQL client speaks first
+/// (SSLRequest or StartupMessage), so the accept and the first read come in one wakeup and a
+/// connection that never speaks costs Sluice nothing. Linux only; elsewhere a no-op.
+#[allow(unsafe_code)] // one setsockopt that neither socket2 nor tokio offers
+fn defer_accept(listener: &TcpListener) -> std::io::Result<()> {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        let secs = DEFER_ACCEPT_SECS;
+        // SAFETY: a valid socket descriptor, and a pointer to a c_int of the length given.
+        let rc = unsafe {
+            libc::setsockopt(
+                listener.as_raw_fd(),
+                libc::IPPROTO_TCP,
+                libc::TCP_DEFER_ACCEPT,
+                std::ptr::from_ref(&secs).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = listener;
+    Ok(())
 }
 
 fn socket_keepalive(sock: &tokio::net::TcpStream) -> std::io::Result<()> {

@@ -176,6 +176,7 @@ fn defaults_follow_pgbouncer() {
     assert_eq!(g.log_format, LogFormat::Text);
     assert!(g.log_connections && g.log_disconnections && g.log_pooler_errors && g.tcp_keepalive);
     assert_eq!((g.stats_period, g.metrics_addr), (Some(SECS(60)), None));
+    assert_eq!(g.tcp_defer_accept, cfg!(target_os = "linux"));
 
     assert!(c.databases.is_empty() && c.users.is_empty());
     assert_eq!(c.scheduler.default_class, "default");
@@ -298,7 +299,7 @@ fn name_lists_accept_arrays_and_comma_strings() {
 fn keywords_and_misc_general_settings() {
     let c = parse(
         "[sluice]\nauth_type = \"md5\"\nlog_format = \"json\"\nmetrics_addr = \"127.0.0.1:9930\"\n\
-         tcp_keepalive = false\nworkers = 4",
+         tcp_keepalive = false\ntcp_defer_accept = false\nworkers = 4",
     );
     assert_eq!(c.sluice.auth_type, AuthType::Md5);
     assert_eq!(c.sluice.log_format, LogFormat::Json);
@@ -306,7 +307,7 @@ fn keywords_and_misc_general_settings() {
         c.sluice.metrics_addr,
         Some(SocketAddr::from(([127, 0, 0, 1], 9930)))
     );
-    assert!(!c.sluice.tcp_keepalive);
+    assert!(!c.sluice.tcp_keepalive && !c.sluice.tcp_defer_accept);
     assert_eq!(c.sluice.workers, 4);
     assert_eq!(
         parse("[sluice]\nauth_type = \"trust\"").sluice.auth_type,
