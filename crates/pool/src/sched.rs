@@ -13,14 +13,84 @@
 //!   the time waited (aging), so low classes never starve. Ties go first-in first-out.
 //!
 //! Aging with one rate for everyone keeps the order static: `priority + rate * (now - t)` sorts
-//! like `priority - rate * t`, so each class queue is an ordered map fixed at enqueue time.
+//! like `priority - rate * t`, so each class queue is sorted once, at enqueue time.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Identifies a waiter inside one scheduler.
 pub type WaiterId = u64;
+
+/// Hashes a [`WaiterId`]: ids are handed out in sequence by the scheduler itself, so one
+/// multiplication spreads them well and nobody outside can choose them. SipHash cost more than
+/// the rest of a queue insert.
+#[derive(Default)]
+struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0 << 8 | u64::from(*b)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        }
+    }
+
+    fn write_u64(&mut self, id: u64) {
+        // Fibonacci hashing: consecutive ids differ in the low bits (the bucket) and in the
+        // high bits (hashbrown's tag).
+        self.0 = id.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+type WaiterMap<W> = HashMap<WaiterId, Waiter<W>, BuildHasherDefault<IdHasher>>;
+
+/// Where a queued waiter stands: (negated score, id), smallest first.
+type Order = (i64, u64);
+
+/// One class's waiters, sorted by [`Order`]. Waiters of one priority arrive in order (the score
+/// only grows with the time of arrival), so an insert is nearly always a push at the back and
+/// the grant a pop at the front: a sorted ring buffer does both in constant time, where an
+/// ordered map paid a tree walk and node allocations on each. A waiter that outranks queued ones
+/// (a higher priority) is inserted in place.
+#[derive(Debug, Default)]
+struct ClassQueue(VecDeque<(Order, WaiterId)>);
+
+impl ClassQueue {
+    fn insert(&mut self, order: Order, id: WaiterId) {
+        match self.0.back() {
+            Some((last, _)) if *last > order => {
+                let at = self.0.partition_point(|(o, _)| *o < order);
+                self.0.insert(at, (order, id));
+            }
+            _ => self.0.push_back((order, id)),
+        }
+    }
+
+    fn remove(&mut self, order: &Order) {
+        if self.0.front().is_some_and(|(o, _)| o == order) {
+            self.0.pop_front();
+        } else if let Ok(at) = self.0.binary_search_by(|(o, _)| o.cmp(order)) {
+            self.0.remove(at);
+        }
+    }
+
+    fn first(&self) -> Option<&(Order, WaiterId)> {
+        self.0.front()
+    }
+
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    fn clear(&mut self) {
+        self.0.clear();
+    }
+}
 
 /// A class as the scheduler enforces it (static settings plus any live override).
 #[derive(Debug, Clone)]
@@ -94,7 +164,7 @@ struct ClassState {
     over: ClassOverride,
     active: u32,
     /// Ordered by (-score, seq): the first entry is the best waiter.
-    queue: BTreeMap<(i64, u64), WaiterId>,
+    queue: ClassQueue,
     shed_total: u64,
     served_total: u64,
 }
@@ -175,7 +245,7 @@ pub struct Expired<W> {
 pub struct Scheduler<W> {
     classes: Vec<ClassState>,
     keys: HashMap<Arc<str>, KeyState>,
-    waiters: HashMap<WaiterId, Waiter<W>>,
+    waiters: WaiterMap<W>,
     next_id: WaiterId,
     size: u32,
     active: u32,
@@ -198,13 +268,13 @@ impl<W> Scheduler<W> {
                     spec,
                     over: ClassOverride::default(),
                     active: 0,
-                    queue: BTreeMap::new(),
+                    queue: ClassQueue::default(),
                     shed_total: 0,
                     served_total: 0,
                 })
                 .collect(),
             keys: HashMap::new(),
-            waiters: HashMap::new(),
+            waiters: WaiterMap::default(),
             next_id: 0,
             size,
             active: 0,
@@ -235,7 +305,7 @@ impl<W> Scheduler<W> {
                             spec: spec.clone(),
                             over: ClassOverride::default(),
                             active: 0,
-                            queue: BTreeMap::new(),
+                            queue: ClassQueue::default(),
                             shed_total: 0,
                             served_total: 0,
                         },
@@ -248,7 +318,7 @@ impl<W> Scheduler<W> {
                     spec,
                     over: ClassOverride::default(),
                     active: 0,
-                    queue: BTreeMap::new(),
+                    queue: ClassQueue::default(),
                     shed_total: 0,
                     served_total: 0,
                 },
@@ -260,7 +330,7 @@ impl<W> Scheduler<W> {
             let target = remap[i];
             let t = &mut self.classes[target];
             t.active += gone.active;
-            for (k, id) in gone.queue {
+            for (k, id) in gone.queue.0 {
                 t.queue.insert(k, id);
             }
         }
@@ -389,7 +459,7 @@ impl<W> Scheduler<W> {
     fn score(&self, priority: i32, at: Instant) -> i64 {
         let micros = at.saturating_duration_since(self.epoch).as_micros() as f64;
         let base = f64::from(priority) * 1_000_000.0;
-        // Higher score is better; store the negation so the BTreeMap's first entry is best.
+        // Higher score is better; store the negation so the queue's first entry is best.
         -(base - self.aging_per_sec * micros) as i64
     }
 
@@ -468,7 +538,7 @@ impl<W> Scheduler<W> {
                 if !c.under_quota() || !self.reserved_ok(i) {
                     continue;
                 }
-                if let Some((order, id)) = c.queue.first_key_value() {
+                if let Some((order, id)) = c.queue.first() {
                     if best.as_ref().is_none_or(|(_, o, _)| order < o) {
                         best = Some((i, *order, *id));
                     }

@@ -260,3 +260,39 @@ proptest! {
         }
     }
 }
+
+proptest! {
+    /// One class, random priorities and give-ups, no aging: connections go out by priority,
+    /// first come first served within one priority, whatever order the waiters arrived in.
+    #[test]
+    fn grants_follow_priority_then_arrival(
+        arrivals in proptest::collection::vec(-3i32..3, 1..60),
+        give_ups in proptest::collection::vec(any::<prop::sample::Index>(), 0..20),
+    ) {
+        let t0 = Instant::now();
+        let mut s: Scheduler<usize> = Scheduler::new(1, vec![class("a", 0, None, 0)], 0.0, t0);
+        let mut model: Vec<(i32, usize)> = Vec::new();
+        let mut ids = Vec::new();
+        for (n, prio) in arrivals.iter().enumerate() {
+            ids.push(s.enqueue(ticket(0, *prio), n, t0));
+            model.push((*prio, n));
+        }
+        for ix in give_ups {
+            if model.is_empty() {
+                break;
+            }
+            let (_, n) = model.remove(ix.index(model.len()));
+            prop_assert_eq!(s.remove(ids[n]), Some(n));
+        }
+        // Best first: highest priority, then earliest arrival.
+        model.sort_by_key(|(prio, n)| (-prio, *n));
+        let want: Vec<usize> = model.iter().map(|(_, n)| *n).collect();
+        let mut got = Vec::new();
+        while let Some((n, g, _)) = s.pick(t0) {
+            got.push(n);
+            s.release(&g);
+        }
+        prop_assert_eq!(got, want);
+        prop_assert!(s.check_invariants().is_ok());
+    }
+}
