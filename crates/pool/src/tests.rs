@@ -330,3 +330,65 @@ async fn reconnect_closes_connections_on_release() {
     assert_eq!(fake.closed.load(Ordering::SeqCst), 1);
     assert_eq!(pool.stats().idle, 0);
 }
+
+#[tokio::test(start_paused = true)]
+async fn one_timer_gives_the_notice_then_the_timeout() {
+    let fake = Fake::new();
+    let mut st = settings(1, vec![]);
+    st.wait_timeout = Some(Duration::from_millis(300));
+    let pool = Pool::new(st, fake, vec![]);
+    let _held = pool.checkout(t(0, 0)).await.unwrap();
+    let started = tokio::time::Instant::now();
+    let mut notices = Vec::new();
+    let err = pool
+        .checkout_notify(t(0, 0), Some(Duration::from_millis(100)), || {
+            notices.push(started.elapsed());
+        })
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(
+        notices,
+        vec![Duration::from_millis(100)],
+        "one notice, on time"
+    );
+    match err {
+        CheckoutError::Timeout { waited, .. } => assert_eq!(waited, Duration::from_millis(300)),
+        other => panic!("expected Timeout, got {other:?}"),
+    }
+    // A notice point past the budget never comes.
+    let mut late = 0;
+    let err = pool
+        .checkout_notify(t(0, 0), Some(Duration::from_secs(5)), || late += 1)
+        .await
+        .err()
+        .unwrap();
+    assert!(matches!(err, CheckoutError::Timeout { .. }), "{err:?}");
+    assert_eq!(late, 0);
+    assert_eq!(pool.stats().waiting, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_waiter_served_after_its_notice_gets_the_connection() {
+    let fake = Fake::new();
+    let pool = Pool::new(settings(1, vec![]), fake, vec![]);
+    let held = pool.checkout(t(0, 0)).await.unwrap();
+    let first = held.id;
+    let p = pool.clone();
+    let waiter = tokio::spawn(async move {
+        let mut notices = 0;
+        let g = p
+            .checkout_notify(t(0, 0), Some(Duration::from_millis(50)), || notices += 1)
+            .await;
+        (g.map(|g| g.id), notices)
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    drop(held);
+    let (got, notices) = waiter.await.unwrap();
+    assert_eq!(
+        got.unwrap(),
+        first,
+        "the released connection goes to the waiter"
+    );
+    assert_eq!(notices, 1);
+}

@@ -12,19 +12,21 @@ pub(super) struct Waiting<K: Connector> {
 }
 
 impl<K: Connector> Waiting<K> {
-    pub(super) async fn recv(&mut self) -> Result<Handoff<K::Conn>, CheckoutError<K::Error>> {
-        let pool = self.pool.clone();
-        let name = move || pool.state.lock().settings.name.clone();
-        match self.rx.as_mut() {
-            Some(rx) => match rx.await {
-                Ok(r) => {
-                    self.rx = None;
-                    r
-                }
-                Err(_) => Err(CheckoutError::Closed(name())),
-            },
-            None => Err(CheckoutError::Closed(name())),
-        }
+    /// The pool's answer, once it came.
+    pub(super) fn poll_recv(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<Answer<K::Conn, K::Error>> {
+        let Some(rx) = self.rx.as_mut() else {
+            return Poll::Ready(Err(CheckoutError::Closed(self.pool_name())));
+        };
+        let r = std::task::ready!(Pin::new(rx).poll(cx));
+        self.rx = None;
+        Poll::Ready(r.unwrap_or_else(|_| Err(CheckoutError::Closed(self.pool_name()))))
+    }
+
+    fn pool_name(&self) -> Arc<str> {
+        self.pool.state.lock().settings.name.clone()
     }
 
     pub(super) fn give_up(
@@ -32,7 +34,7 @@ impl<K: Connector> Waiting<K> {
         class: usize,
         waited: Duration,
         pool_timeout: bool,
-    ) -> Result<Handoff<K::Conn>, CheckoutError<K::Error>> {
+    ) -> Answer<K::Conn, K::Error> {
         let mut st = self.pool.state.lock();
         if st.sched.remove(self.id).is_some() {
             st.sched.count_shed(class);
@@ -53,9 +55,7 @@ impl<K: Connector> Waiting<K> {
         // Already granted (or failed) just before the timer fired: take what was sent.
         match self.rx.take().map(|mut rx| rx.try_recv()) {
             Some(Ok(r)) => r,
-            _ => Err(CheckoutError::Closed(
-                self.pool.state.lock().settings.name.clone(),
-            )),
+            _ => Err(CheckoutError::Closed(self.pool_name())),
         }
     }
 }

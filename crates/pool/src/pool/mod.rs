@@ -9,6 +9,7 @@ use std::future::Future;
 use std::ops::{Deref, DerefMut};
 use std::pin::Pin;
 use std::sync::{Arc, Weak};
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
@@ -99,8 +100,10 @@ pub enum CheckoutError<E: std::fmt::Display> {
     Closed(Arc<str>),
 }
 
-type Reply<C, E> = oneshot::Sender<Result<Handoff<C>, CheckoutError<E>>>;
-type Receipt<C, E> = oneshot::Receiver<Result<Handoff<C>, CheckoutError<E>>>;
+/// What a waiter is told: a connection, or why there is none.
+type Answer<C, E> = Result<Handoff<C>, CheckoutError<E>>;
+type Reply<C, E> = oneshot::Sender<Answer<C, E>>;
+type Receipt<C, E> = oneshot::Receiver<Answer<C, E>>;
 
 struct Slot<C> {
     /// Boxed: a slot moves in and out of the idle list and guards on every transaction.
@@ -220,9 +223,23 @@ impl<K: Connector> Pool<K> {
     /// Takes a connection, waiting in the scheduler's queue if none is free. The wait is bounded
     /// by the class's `max_wait`, else the pool's `query_wait_timeout`.
     pub async fn checkout(&self, ticket: Ticket) -> Result<Guard<K>, CheckoutError<K::Error>> {
+        self.checkout_notify(ticket, None, || {}).await
+    }
+
+    /// [`Self::checkout`], calling `on_notice` once if the wait lasts `notice_after`. One timer
+    /// serves both the notice and the wait budget, and it is only built when either is set.
+    pub async fn checkout_notify(
+        &self,
+        ticket: Ticket,
+        notice_after: Option<Duration>,
+        mut on_notice: impl FnMut(),
+    ) -> Result<Guard<K>, CheckoutError<K::Error>> {
         let started = now();
+        let mut notice_at = notice_after.map(|d| started + d);
         loop {
-            let mut guard = self.checkout_once(ticket.clone(), started).await?;
+            let mut guard = self
+                .checkout_once(&ticket, started, &mut notice_at, &mut on_notice)
+                .await?;
             if guard.conn_mut().healthy() {
                 return Ok(guard);
             }
@@ -256,8 +273,10 @@ impl<K: Connector> Pool<K> {
 
     async fn checkout_once(
         &self,
-        ticket: Ticket,
+        ticket: &Ticket,
         started: Instant,
+        notice_at: &mut Option<Instant>,
+        on_notice: &mut impl FnMut(),
     ) -> Result<Guard<K>, CheckoutError<K::Error>> {
         let inner = &self.inner;
         let (rx, id, budget, class, timeout_kind) = {
@@ -266,9 +285,9 @@ impl<K: Connector> Pool<K> {
             if st.closed {
                 return Err(CheckoutError::Closed(st.settings.name.clone()));
             }
-            if !st.paused && st.sched.eligible(&ticket) {
+            if !st.paused && st.sched.eligible(ticket) {
                 if let Some(idle) = st.idle.pop() {
-                    let grant = st.sched.grant_now(&ticket);
+                    let grant = st.sched.grant_now(ticket);
                     st.checkouts += 1;
                     let waited = now().saturating_duration_since(started);
                     if let Some(h) = st.waits.get_mut(grant.class) {
@@ -294,9 +313,10 @@ impl<K: Connector> Pool<K> {
                 Some(w) => (Some(w), false),
                 None => (st.settings.wait_timeout, true),
             };
-            let at = now();
-            let id = st.sched.enqueue(ticket, tx, at);
-            inner.fill(&mut st, &mut closing, at);
+            // Queued as of the checkout's start: a retry after a dead connection keeps its place
+            // in the aging order and its budget.
+            let id = st.sched.enqueue(ticket.clone(), tx, started);
+            inner.fill(&mut st, &mut closing, started);
             drop(st);
             drop(closing);
             (rx, id, budget, class, timeout_kind)
@@ -306,25 +326,53 @@ impl<K: Connector> Pool<K> {
             id,
             rx: Some(rx),
         };
-        let remaining = budget.map(|b| b.saturating_sub(now().saturating_duration_since(started)));
-        let result = match remaining {
-            Some(r) => match tokio::time::timeout(r, wait.recv()).await {
-                Ok(r) => r,
-                Err(_) => wait.give_up(
-                    class,
-                    now().saturating_duration_since(started),
-                    timeout_kind,
-                ),
-            },
-            None => wait.recv().await,
+        let deadline = budget.map(|b| started + b);
+        let next_wake = |notice_at: Option<Instant>| match (notice_at, deadline) {
+            (Some(n), Some(d)) => Some(n.min(d)),
+            (n, d) => n.or(d),
         };
-        let handoff = result?;
-        Ok(Guard {
-            slot: Some(handoff.slot),
-            grant: handoff.grant,
-            pool: inner.clone(),
-            waited: handoff.waited,
-        })
+        let timer = next_wake(*notice_at).map(|t| tokio::time::sleep_until(t.into()));
+        tokio::pin!(timer);
+        loop {
+            let handoff = std::future::poll_fn(|cx| {
+                if let Poll::Ready(r) = wait.poll_recv(cx) {
+                    return Poll::Ready(Some(r));
+                }
+                match timer.as_mut().as_pin_mut().map(|t| t.poll(cx)) {
+                    Some(Poll::Ready(())) => Poll::Ready(None),
+                    _ => Poll::Pending,
+                }
+            })
+            .await;
+            if let Some(r) = handoff {
+                let handoff = r?;
+                return Ok(Guard {
+                    slot: Some(handoff.slot),
+                    grant: handoff.grant,
+                    pool: inner.clone(),
+                    waited: handoff.waited,
+                });
+            }
+            let at = now();
+            if notice_at.is_some_and(|n| at >= n) {
+                *notice_at = None;
+                on_notice();
+            }
+            if deadline.is_some_and(|d| at >= d) {
+                let handoff =
+                    wait.give_up(class, at.saturating_duration_since(started), timeout_kind)?;
+                return Ok(Guard {
+                    slot: Some(handoff.slot),
+                    grant: handoff.grant,
+                    pool: inner.clone(),
+                    waited: handoff.waited,
+                });
+            }
+            match (next_wake(*notice_at), timer.as_mut().as_pin_mut()) {
+                (Some(t), Some(sleep)) => sleep.reset(t.into()),
+                _ => timer.set(None),
+            }
+        }
     }
 
     /// Runs periodic upkeep: reaps idle and old connections, sheds waiters past a live budget,

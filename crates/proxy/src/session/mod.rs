@@ -275,38 +275,32 @@ impl Session {
             }
         }
         self.info.set_state(ClientState::Waiting);
-        let fut = self.pool.pool.checkout(self.ticket.clone());
-        tokio::pin!(fut);
         // No NOTICE before AuthenticationOk: drivers would take it for a broken login.
-        let mut notify = if login {
+        let notify = if login {
             None
         } else {
             self.shared.config().sluice.query_wait_notify
         };
-        let started = Instant::now();
-        let cancel = self.cancel.clone();
-        let cancelled = cancel.cancelled_while_waiting();
-        tokio::pin!(cancelled);
-        let result = loop {
-            let notice = async {
-                match notify {
-                    Some(d) => tokio::time::sleep(d.saturating_sub(started.elapsed())).await,
-                    None => std::future::pending().await,
-                }
-            };
-            tokio::select! {
-                r = &mut fut => break r,
-                _ = notice => {
-                    notify = None;
-                    let f = ErrorFields::notice(format!(
-                        "waiting for a server connection in pool \"{}\" (class \"{}\")", self.pool.pool.name(), self.class_name));
-                    backend::encode_notice(&mut io.wbuf, &f);
-                    let _ = io.flush().await;
-                }
-                _ = &mut cancelled => {
-                    self.info.set_state(ClientState::Idle);
-                    return Err(ErrorFields::error(SqlState::QUERY_CANCELED, "canceling statement due to user request"));
-                }
+        let pool = &self.pool.pool;
+        let class = &self.class_name;
+        let notice = || {
+            let f = ErrorFields::notice(format!(
+                "waiting for a server connection in pool \"{}\" (class \"{class}\")",
+                pool.name()
+            ));
+            backend::encode_notice(&mut io.wbuf, &f);
+            // Without waiting: a client that does not read gets it with the next answer.
+            if let Ok(n) = io.stream.try_write(&io.wbuf) {
+                io.wbuf.advance(n);
+            }
+        };
+        let cancelled = self.cancel.cancelled_while_waiting();
+        let result = tokio::select! {
+            biased;
+            r = pool.checkout_notify(self.ticket.clone(), notify, notice) => r,
+            () = cancelled => {
+                self.info.set_state(ClientState::Idle);
+                return Err(ErrorFields::error(SqlState::QUERY_CANCELED, "canceling statement due to user request"));
             }
         };
         match result {
