@@ -7,6 +7,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use sluice_wire::frontend::{self, Header};
 use sluice_wire::{ErrorFields, WireError};
 
+use crate::readiness::ArmedRead;
 use crate::stream::Stream;
 
 /// Why reading from a peer stopped.
@@ -31,6 +32,8 @@ pub struct ClientIo {
     pub rbuf: BytesMut,
     /// Bytes to write.
     pub wbuf: BytesMut,
+    /// Reads in the session's waits, skipped while the client has sent nothing new.
+    pub(crate) read: ArmedRead,
 }
 
 impl ClientIo {
@@ -40,11 +43,14 @@ impl ClientIo {
             stream,
             rbuf: BytesMut::with_capacity(8192),
             wbuf: BytesMut::with_capacity(8192),
+            read: ArmedRead::default(),
         }
     }
 
     /// Reads more bytes; `Closed` at EOF.
     pub async fn fill(&mut self) -> Result<(), ReadError> {
+        // This read registers the task's own waker, not the one of the session's waits.
+        self.read.disarm();
         if self.stream.read_buf(&mut self.rbuf).await? == 0 {
             return Err(ReadError::Closed);
         }

@@ -13,6 +13,7 @@ pub mod metrics;
 pub mod params;
 pub mod pools;
 pub mod prepared;
+mod readiness;
 pub mod relay;
 pub mod server;
 pub mod session;

@@ -242,6 +242,7 @@ pub(super) async fn startup(
         _counted: counted,
         relay: None,
         to_server: BytesMut::with_capacity(4096),
+        server_read: ArmedRead::default(),
         settings: Settings::resolve(shared, &user),
     };
     // Learn the server's parameters and validate the client's own on a real connection.

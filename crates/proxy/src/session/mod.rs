@@ -31,6 +31,7 @@ use crate::io::ClientIo;
 use crate::params::ClientParams;
 use crate::pools::PoolEntry;
 use crate::prepared::ClientStatements;
+use crate::readiness::ArmedRead;
 use crate::relay::{ClientSide, Relay};
 use crate::server::{ServerConn, ServerConnector};
 use crate::shared::Shared;
@@ -183,6 +184,8 @@ pub struct Session {
     /// Relay state and upstream buffer, kept between transactions to reuse their memory.
     relay: Option<Box<Relay>>,
     to_server: BytesMut,
+    /// Reads of the attached server connection in the relay's waits.
+    server_read: ArmedRead,
     /// The settings read on every transaction, resolved once per config generation.
     settings: Settings,
 }
@@ -403,7 +406,10 @@ impl Session {
                 .client_idle_timeout
                 .map(|t| Box::pin(tokio::time::sleep(t)));
             let event = std::future::poll_fn(|cx| {
-                match poll_read_buf(Pin::new(&mut io.stream), cx, &mut io.rbuf) {
+                let read = io.read.poll(cx, |cx| {
+                    poll_read_buf(Pin::new(&mut io.stream), cx, &mut io.rbuf)
+                });
+                match read {
                     Poll::Ready(Ok(0) | Err(_)) => return Poll::Ready(IdleEvent::Closed),
                     Poll::Ready(Ok(_)) => return Poll::Ready(IdleEvent::Data),
                     Poll::Pending => {}

@@ -53,6 +53,8 @@ impl Session {
         // Created once per transaction, and only when the timeout is set.
         let mut idle_timer = idle_tx.map(|t| Box::pin(tokio::time::sleep(t)));
         let mut statements = 0u32;
+        // Whoever had this connection before registered its own waker.
+        self.server_read.disarm();
         loop {
             // Forward every whole client message.
             loop {
@@ -156,7 +158,10 @@ impl Session {
             // order of priority: the server's answers first, then writes, then the client.
             let event = std::future::poll_fn(|cx| {
                 if read_server {
-                    match poll_read_buf(Pin::new(&mut server.stream), cx, &mut server.rbuf) {
+                    let read = self.server_read.poll(cx, |cx| {
+                        poll_read_buf(Pin::new(&mut server.stream), cx, &mut server.rbuf)
+                    });
+                    match read {
                         Poll::Ready(Ok(0) | Err(_)) => return Poll::Ready(Event::ServerClosed),
                         Poll::Ready(Ok(_)) => return Poll::Ready(Event::ServerData),
                         Poll::Pending => {}
@@ -183,7 +188,10 @@ impl Session {
                     }
                 }
                 if read_client {
-                    match poll_read_buf(Pin::new(&mut io.stream), cx, &mut io.rbuf) {
+                    let read = io.read.poll(cx, |cx| {
+                        poll_read_buf(Pin::new(&mut io.stream), cx, &mut io.rbuf)
+                    });
+                    match read {
                         Poll::Ready(Ok(0) | Err(_)) => return Poll::Ready(Event::ClientClosed),
                         Poll::Ready(Ok(_)) => return Poll::Ready(Event::Progress),
                         Poll::Pending => {}
