@@ -9,9 +9,10 @@
 # measures that.
 #
 # Usage: benches/e2e/instructions.sh [-t TRANSACTIONS_PER_CLIENT]
-#   -t N   transactions per client and workload (default 1000; 4 clients; env TX)
+#   -t N   transactions per client and workload (default 1000; 4 clients; env TX). The
+#          queued-select workload runs the same total over 200 clients on the pool of 20.
 # Other env: SLUICE_BIN, PG_BIN, RESULTS_DIR (benches/results), KEEP_WORK=1.
-# Needs valgrind (apt-get install -y valgrind). Takes about 5 minutes.
+# Needs valgrind (apt-get install -y valgrind). Takes about a minute.
 
 # shellcheck source=lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -34,8 +35,12 @@ declare -A WORKLOAD=(
     [select-extended]="-S -M extended"
     [tpcb]="-M simple"
     [connect-per-tx]="-S -C"
+    [queued-select]="-S -M simple"
 )
-ORDER=(select-simple select-extended tpcb connect-per-tx)
+# Clients per workload where it is not $CLIENTS: queued-select keeps 200 clients on the pool of
+# 20, so most transactions wait in the pooler's queue for a server connection.
+declare -A CLIENTS_OF=([queued-select]=200)
+ORDER=(select-simple select-extended tpcb connect-per-tx queued-select)
 
 check_tools
 check_pgbouncer
@@ -61,20 +66,22 @@ last_dump_total() {
 
 # measure POOLER PORT PID USER OUT -> lines "workload instructions-per-tx"
 measure() {
-    local pooler=$1 port=$2 pid=$3 user=$4 out=$5 w total tx
+    local pooler=$1 port=$2 pid=$3 user=$4 out=$5 w c total tx
     for w in "${ORDER[@]}"; do
+        # The same number of transactions in every workload, however many clients run them.
+        c=${CLIENTS_OF[$w]:-$CLIENTS}
         # shellcheck disable=SC2086
         PGPASSWORD=$APP_PASSWORD "$PGBENCH" -n -h 127.0.0.1 -p "$port" -U "$APP_USER" \
-            -c "$CLIENTS" -j 1 -t 50 ${WORKLOAD[$w]} "$APP_DB" >/dev/null 2>&1 \
+            -c "$c" -j 1 -t $((50 * CLIENTS / c + 1)) ${WORKLOAD[$w]} "$APP_DB" >/dev/null 2>&1 \
             || die "$pooler warm-up for $w failed"
         cg_control "$user" -z "$pid"
         # shellcheck disable=SC2086
         PGPASSWORD=$APP_PASSWORD "$PGBENCH" -n -h 127.0.0.1 -p "$port" -U "$APP_USER" \
-            -c "$CLIENTS" -j 1 -t "$TX" ${WORKLOAD[$w]} "$APP_DB" >"$WORK/$pooler-$w.log" 2>&1 \
+            -c "$c" -j 1 -t $((TX * CLIENTS / c)) ${WORKLOAD[$w]} "$APP_DB" >"$WORK/$pooler-$w.log" 2>&1 \
             || die "$pooler $w failed (log: $WORK/$pooler-$w.log)"
         cg_control "$user" -d "$pid"
         total=$(last_dump_total "$out")
-        tx=$((CLIENTS * TX))
+        tx=$((c * (TX * CLIENTS / c)))
         log "$pooler $w: $((total / tx)) instructions per transaction"
         echo "$w $((total / tx))"
     done
@@ -99,7 +106,7 @@ MD=$RESULTS_DIR/instructions-$stamp.md
     echo "# Instructions per transaction (callgrind) — $stamp"
     echo
     echo "- git $(git_rev); $("$PGBOUNCER" --version 2>/dev/null | head -1); Sluice with workers = ${SLUICE_WORKERS:-1}"
-    echo "- each workload: 50 warm-up transactions per client, counters zeroed, then pgbench -n -c $CLIENTS -j 1 -t $TX"
+    echo "- each workload: warm-up, counters zeroed, then $((CLIENTS * TX)) transactions: pgbench -n -c $CLIENTS -j 1 -t $TX (queued-select: -c ${CLIENTS_OF[queued-select]} on the pool of $POOL_SIZE)"
     echo "- both poolers: transaction mode, pool $POOL_SIZE, md5, connection logging on (their default)"
     echo
     echo "| workload | PgBouncer | Sluice | Sluice ÷ PgBouncer |"

@@ -127,6 +127,22 @@ mod tests {
         })
     }
 
+    /// Waits, bounded, until a poll through `armed` reads bytes or the end of the stream.
+    async fn read_when_woken(
+        armed: &mut ArmedRead,
+        sock: &mut TcpStream,
+        buf: &mut bytes::BytesMut,
+        reads: &mut u32,
+    ) -> usize {
+        tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            std::future::poll_fn(|cx| poll_once(armed, sock, buf, reads, cx)),
+        )
+        .await
+        .expect("the task is woken")
+        .expect("read")
+    }
+
     #[tokio::test]
     async fn an_armed_socket_is_read_again_only_after_it_fired() {
         let (mut ours, mut peer) = pair().await;
@@ -144,13 +160,7 @@ mod tests {
         assert_eq!(reads, 1);
         // The peer speaks: the registered waker fires, the task wakes and the read gets it.
         peer.write_all(b"hello").await.expect("write");
-        let n = tokio::time::timeout(
-            std::time::Duration::from_secs(10),
-            std::future::poll_fn(|cx| poll_once(&mut armed, &mut ours, &mut buf, &mut reads, cx)),
-        )
-        .await
-        .expect("woken when the peer wrote")
-        .expect("read");
+        let n = read_when_woken(&mut armed, &mut ours, &mut buf, &mut reads).await;
         assert_eq!((n, &buf[..]), (5, &b"hello"[..]));
         assert_eq!(reads, 2);
         // After a read with another waker, the socket is polled again whatever the flag says.
@@ -163,13 +173,7 @@ mod tests {
         assert_eq!(reads, 3);
         // The peer closes: the armed socket fires and the read sees the end.
         drop(peer);
-        let n = tokio::time::timeout(
-            std::time::Duration::from_secs(10),
-            std::future::poll_fn(|cx| poll_once(&mut armed, &mut ours, &mut buf, &mut reads, cx)),
-        )
-        .await
-        .expect("woken at EOF")
-        .expect("read");
+        let n = read_when_woken(&mut armed, &mut ours, &mut buf, &mut reads).await;
         assert_eq!(n, 0);
     }
 }
