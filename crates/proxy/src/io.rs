@@ -1,8 +1,12 @@
 //! A framed client connection: a stream plus read and write buffers. The only place in the
 //! client session that touches the socket during startup and authentication.
 
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_util::io::poll_read_buf;
 
 use sluice_wire::frontend::{self, Header};
 use sluice_wire::{ErrorFields, WireError};
@@ -33,7 +37,7 @@ pub struct ClientIo {
     /// Bytes to write.
     pub wbuf: BytesMut,
     /// Reads in the session's waits, skipped while the client has sent nothing new.
-    pub(crate) read: ArmedRead,
+    read: ArmedRead,
 }
 
 impl ClientIo {
@@ -55,6 +59,14 @@ impl ClientIo {
             return Err(ReadError::Closed);
         }
         Ok(())
+    }
+
+    /// Reads more bytes in one of the session's waits: skipped while the client has sent
+    /// nothing new since the last such read (see [`ArmedRead`]). `Ok(0)` at EOF.
+    pub(crate) fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<usize>> {
+        self.read.poll(cx, |cx| {
+            poll_read_buf(Pin::new(&mut self.stream), cx, &mut self.rbuf)
+        })
     }
 
     /// Reads one whole message of at most `max` bytes.

@@ -333,7 +333,7 @@ impl<K: Connector> Pool<K> {
         };
         let timer = next_wake(*notice_at).map(|t| tokio::time::sleep_until(t.into()));
         tokio::pin!(timer);
-        loop {
+        let answer = loop {
             let handoff = std::future::poll_fn(|cx| {
                 if let Poll::Ready(r) = wait.poll_recv(cx) {
                     return Poll::Ready(Some(r));
@@ -344,14 +344,8 @@ impl<K: Connector> Pool<K> {
                 }
             })
             .await;
-            if let Some(r) = handoff {
-                let handoff = r?;
-                return Ok(Guard {
-                    slot: Some(handoff.slot),
-                    grant: handoff.grant,
-                    pool: inner.clone(),
-                    waited: handoff.waited,
-                });
+            if let Some(answer) = handoff {
+                break answer;
             }
             let at = now();
             if notice_at.is_some_and(|n| at >= n) {
@@ -359,20 +353,20 @@ impl<K: Connector> Pool<K> {
                 on_notice();
             }
             if deadline.is_some_and(|d| at >= d) {
-                let handoff =
-                    wait.give_up(class, at.saturating_duration_since(started), timeout_kind)?;
-                return Ok(Guard {
-                    slot: Some(handoff.slot),
-                    grant: handoff.grant,
-                    pool: inner.clone(),
-                    waited: handoff.waited,
-                });
+                break wait.give_up(class, at.saturating_duration_since(started), timeout_kind);
             }
             match (next_wake(*notice_at), timer.as_mut().as_pin_mut()) {
                 (Some(t), Some(sleep)) => sleep.reset(t.into()),
                 _ => timer.set(None),
             }
-        }
+        };
+        let handoff = answer?;
+        Ok(Guard {
+            slot: Some(handoff.slot),
+            grant: handoff.grant,
+            pool: inner.clone(),
+            waited: handoff.waited,
+        })
     }
 
     /// Runs periodic upkeep: reaps idle and old connections, sheds waiters past a live budget,

@@ -406,10 +406,7 @@ impl Session {
                 .client_idle_timeout
                 .map(|t| Box::pin(tokio::time::sleep(t)));
             let event = std::future::poll_fn(|cx| {
-                let read = io.read.poll(cx, |cx| {
-                    poll_read_buf(Pin::new(&mut io.stream), cx, &mut io.rbuf)
-                });
-                match read {
+                match io.poll_fill(cx) {
                     Poll::Ready(Ok(0) | Err(_)) => return Poll::Ready(IdleEvent::Closed),
                     Poll::Ready(Ok(_)) => return Poll::Ready(IdleEvent::Data),
                     Poll::Pending => {}

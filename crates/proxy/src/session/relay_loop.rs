@@ -188,10 +188,7 @@ impl Session {
                     }
                 }
                 if read_client {
-                    let read = io.read.poll(cx, |cx| {
-                        poll_read_buf(Pin::new(&mut io.stream), cx, &mut io.rbuf)
-                    });
-                    match read {
+                    match io.poll_fill(cx) {
                         Poll::Ready(Ok(0) | Err(_)) => return Poll::Ready(Event::ClientClosed),
                         Poll::Ready(Ok(_)) => return Poll::Ready(Event::Progress),
                         Poll::Pending => {}
