@@ -363,3 +363,79 @@ async fn spin_plugin_fails_closed_with_58000() {
 async fn membomb_plugin_fails_closed_with_58000() {
     fails_closed("membomb", false).await;
 }
+
+/// A policy's `timeout-ms` is PostgreSQL's `statement_timeout` for that transaction: a long
+/// statement of the class is cancelled with 57014, and the server connection goes to the next
+/// client (same pool of one) with the timeout gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policy_statement_timeout_cancels_and_does_not_leak() {
+    let pg = PgCluster::shared();
+    let b = base(pg)
+        .pool_size(1)
+        .append(RELAXED_POLICY)
+        .append("[classes.batch]\n")
+        .append(&plugin_toml(
+            "priority",
+            "priority",
+            "closed",
+            &[
+                r#"match = "application""#,
+                r#"batch = "pol-timeout-batch""#,
+                "statement_timeout.batch = 300",
+            ],
+        ));
+    let sluice = SluiceHandle::start(b).await;
+    let batch = connect_app(&sluice, "app", "appdb", "pol-timeout-batch")
+        .await
+        .expect("batch client");
+    let started = Instant::now();
+    let err = batch
+        .simple_query("select pg_sleep(5)")
+        .await
+        .expect_err("cancelled by the statement timeout");
+    assert_eq!(
+        sqlstate(&err).as_deref(),
+        Some("57014"),
+        "{}",
+        db_error_text(&err)
+    );
+    assert!(
+        db_error_text(&err).contains("statement timeout"),
+        "{}",
+        db_error_text(&err)
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "cancelled early, not at the end"
+    );
+    // The batch client's next transaction runs under the same timeout.
+    let row = batch
+        .query_one("show statement_timeout", &[])
+        .await
+        .expect("show");
+    assert_eq!(row.get::<_, String>(0), "300ms");
+    // Another client on the only server connection: no timeout, a 0.5 s statement completes.
+    let web = connect_app(&sluice, "app", "appdb", "pol-timeout-web")
+        .await
+        .expect("web client");
+    let row = web
+        .query_one("show statement_timeout", &[])
+        .await
+        .expect("show");
+    assert_eq!(row.get::<_, String>(0), "0");
+    web.simple_query("select pg_sleep(0.5)")
+        .await
+        .expect("no timeout for a client outside the class");
+    // A client's own setting wins back after a timed transaction of another client.
+    web.batch_execute("set statement_timeout = '7s'")
+        .await
+        .expect("set");
+    batch.simple_query("select 1").await.expect("batch select");
+    let row = web
+        .query_one("show statement_timeout", &[])
+        .await
+        .expect("show");
+    assert_eq!(row.get::<_, String>(0), "7s");
+    drop((batch, web));
+    sluice.shutdown().await;
+}

@@ -29,6 +29,7 @@ struct Priority {
     default_priority: Option<i32>,
     select_boost: i32,
     pressure_max_active: BTreeMap<String, u32>,
+    statement_timeout_ms: BTreeMap<String, u32>,
 }
 
 /// Keys of the settings table that are not class lists.
@@ -79,7 +80,15 @@ impl Policy for Priority {
         };
         let mut rules = Vec::new();
         let mut pressure_max_active = BTreeMap::new();
+        let mut statement_timeout_ms = BTreeMap::new();
         for key in sdk::config_keys() {
+            if let Some(class) = key.strip_prefix("statement_timeout.") {
+                let ms = sdk::config_u32(&key).unwrap_or_else(|| {
+                    panic!("setting \"{key}\": expected milliseconds (a whole number)")
+                });
+                statement_timeout_ms.insert(class.to_string(), ms);
+                continue;
+            }
             if let Some(class) = key.strip_prefix("pressure_max_active.") {
                 pressure_max_active.insert(class.to_string(), sdk::config_u32(&key).unwrap_or(0));
                 continue;
@@ -104,6 +113,7 @@ impl Policy for Priority {
             default_priority,
             select_boost: sdk::config_i32("select_boost").unwrap_or(0),
             pressure_max_active,
+            statement_timeout_ms,
         }
     }
 
@@ -120,17 +130,19 @@ impl Policy for Priority {
     }
 
     fn on_transaction(&self, facts: &TxFacts) -> TxDecision {
+        let mut priority = None;
         // A lone SELECT (autocommit) is short: let it jump ahead a little.
         if self.select_boost != 0 && facts.kind == StatementKind::Select && !facts.in_transaction {
-            if let Some(base) = priority_from_cookie(facts.cookie) {
-                let mut d = sdk::proceed();
-                if let TxDecision::Proceed(p) = &mut d {
-                    p.priority = Some(base.saturating_add(self.select_boost));
-                }
-                return d;
-            }
+            priority =
+                priority_from_cookie(facts.cookie).map(|p| p.saturating_add(self.select_boost));
         }
-        sdk::proceed()
+        let timeout_ms = self.statement_timeout_ms.get(&facts.class).copied();
+        let mut d = sdk::proceed();
+        if let TxDecision::Proceed(p) = &mut d {
+            p.priority = priority;
+            p.timeout_ms = timeout_ms;
+        }
+        d
     }
 
     fn on_pressure(&self, facts: &PressureFacts) -> Vec<PressureAction> {

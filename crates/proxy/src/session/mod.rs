@@ -28,7 +28,7 @@ use crate::auth::{self, Outcome as AuthOutcome};
 use crate::cancel::CancelTarget;
 use crate::clients::{ClientInfo, ClientState, Counted};
 use crate::io::ClientIo;
-use crate::params::ClientParams;
+use crate::params::{ClientParams, ParamValue};
 use crate::pools::PoolEntry;
 use crate::prepared::ClientStatements;
 use crate::readiness::ArmedRead;

@@ -46,7 +46,19 @@ impl Session {
                 relay.inject_query(&sql, &mut to_server);
             }
         }
-        let _ = timeout_ms;
+        // A statement timeout the policy chose for this transaction: set on the server session
+        // (pipelined with the first statement, its answers swallowed) and recorded as Sluice's
+        // own setting, so the next transaction's parameter sync puts back what its client wants.
+        let timed = timeout_ms.is_some();
+        if let Some(ms) = timeout_ms {
+            let value = ParamValue::Sql(format!("'{ms}ms'"));
+            relay.inject_query(
+                &format!("SET statement_timeout = {}", value.to_sql()),
+                &mut to_server,
+            );
+            server.applied.insert("statement_timeout".into(), value);
+            server.params_for = None;
+        }
         // Registered once for the whole transaction, not once per wake-up.
         let killed = self.info.kill.flipped();
         tokio::pin!(killed);
@@ -130,10 +142,11 @@ impl Session {
                 }
             }
             if relay.started && relay.done(server) && to_server.is_empty() {
-                if !server
-                    .params_for
-                    .as_ref()
-                    .is_some_and(|w| Arc::ptr_eq(w, self.params.wishes()))
+                if !timed
+                    && !server
+                        .params_for
+                        .as_ref()
+                        .is_some_and(|w| Arc::ptr_eq(w, self.params.wishes()))
                 {
                     server.params_for = Some(self.params.wishes().clone());
                 }
