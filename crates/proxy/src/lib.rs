@@ -19,6 +19,7 @@ pub mod server;
 pub mod session;
 pub mod shared;
 pub mod stream;
+mod tick;
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -422,12 +423,12 @@ fn dispatch(
 }
 
 async fn maintenance(shared: Arc<Shared>) {
-    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    let mut tick = tick::Ticker::new(Duration::from_millis(100));
     let mut n: u64 = 0;
     let mut last_stats = std::time::Instant::now();
     loop {
         tokio::select! {
-            _ = tick.tick() => {}
+            () = tick.tick() => {}
             _ = shared.hard_stop.cancelled() => return,
         }
         n += 1;
