@@ -67,7 +67,11 @@ fn hooks(c: &mut Criterion) {
         query.push_str(" AND 1=1");
     }
     query.truncate(200);
-    let cookies = [(1u64 << 32) | 100];
+    // The priority plugin's cookie for "checkout": (1 << 32) | 100.
+    let sluice_policy::ConnectDecision::Admit(admission) = e.on_connect(&facts) else {
+        panic!("checkout rejected")
+    };
+    let cookies = admission.cookies;
     let tx = TransactionFacts {
         cookies: &cookies,
         class: "web",

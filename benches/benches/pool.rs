@@ -59,7 +59,7 @@ fn bench(c: &mut Criterion) {
     let pool = rt.block_on(async { Pool::new(settings(4), Fake, vec![]) });
     let ticket = Ticket {
         class: 1,
-        priority: 100,
+        priority: Some(100),
         key: None,
     };
     rt.block_on(async { drop(pool.checkout(ticket.clone()).await.unwrap()) });
@@ -80,7 +80,7 @@ fn bench(c: &mut Criterion) {
                     handles.push(tokio::spawn(async move {
                         let t = Ticket {
                             class: i % 2,
-                            priority: if i % 2 == 1 { 100 } else { 0 },
+                            priority: Some(if i % 2 == 1 { 100 } else { 0 }),
                             key: None,
                         };
                         for _ in 0..EACH {

@@ -209,9 +209,7 @@ async fn pause_waits_for_transactions_then_holds_new_ones_until_resume() {
     let pause = tokio::spawn(async move { pauser.try_query("PAUSE").await.map(|_| ()) });
     eventually("the pool to be marked paused", WAIT, || async {
         let row = watcher.pool_row("appdb", "app").await?;
-        Ok(row
-            .filter(|r| r["paused"] == "true" || r["paused"] == "1")
-            .map(|_| ()))
+        Ok(row.filter(|r| r["paused"] == "1").map(|_| ()))
     })
     .await
     .expect("paused");
@@ -366,5 +364,172 @@ async fn reconnect_replaces_server_connections() {
     .await
     .expect("old server connection closed");
     drop((client, admin));
+    sluice.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pause_resume_reconnect_of_one_database_and_unknown_ones() {
+    let pg = PgCluster::shared();
+    let sluice = SluiceHandle::start(base(pg)).await;
+    let app = sluice.connect("app", "appdb").await;
+    app.simple_query("select 1").await.expect("appdb");
+    let other = sluice.connect("app", "otherdb").await;
+    other.simple_query("select 1").await.expect("otherdb");
+    let admin = AdminConsole::connect(&sluice, "app").await.expect("admin");
+    let paused = |db: &'static str| {
+        let admin = &admin;
+        async move {
+            let pool = admin
+                .pool_row(db, "app")
+                .await
+                .expect("SHOW POOLS")
+                .unwrap_or_else(|| panic!("no {db}/app pool"))["paused"]
+                .clone();
+            let database = admin
+                .show("DATABASES")
+                .await
+                .expect("SHOW DATABASES")
+                .into_iter()
+                .find(|r| r["name"] == db)
+                .unwrap_or_else(|| panic!("SHOW DATABASES lacks {db}"))["paused"]
+                .clone();
+            (pool, database)
+        }
+    };
+    // Both views print PgBouncer's integers.
+    assert_eq!(paused("appdb").await, ("0".into(), "0".into()));
+
+    // A database that is neither configured nor pooled: PgBouncer's "no such database", and
+    // nothing changes.
+    for cmd in ["PAUSE", "RESUME", "RECONNECT"] {
+        let e = admin
+            .try_query(&format!("{cmd} NoSuchDb"))
+            .await
+            .expect_err(&format!("{cmd} of an unknown database"));
+        assert_eq!(
+            sqlstate(&e).as_deref(),
+            Some("42704"),
+            "{cmd}: {}",
+            db_error_text(&e)
+        );
+        assert_eq!(
+            e.as_db_error().map(|d| d.message()),
+            Some("no such database: NoSuchDb"),
+            "{cmd}"
+        );
+    }
+    assert_eq!(paused("appdb").await, ("0".into(), "0".into()));
+    assert_eq!(paused("otherdb").await, ("0".into(), "0".into()));
+    let e = admin
+        .try_query("PAUSE appdb otherdb")
+        .await
+        .expect_err("two databases");
+    assert_eq!(
+        sqlstate(&e).as_deref(),
+        Some("42601"),
+        "{}",
+        db_error_text(&e)
+    );
+
+    // A configured database: only its pools pause (no transaction runs, so PAUSE returns).
+    tokio::time::timeout(WAIT, admin.query("PAUSE appdb"))
+        .await
+        .expect("PAUSE appdb returns with nothing running")
+        .expect("PAUSE appdb");
+    assert_eq!(paused("appdb").await, ("1".into(), "1".into()));
+    assert_eq!(paused("otherdb").await, ("0".into(), "0".into()));
+    other
+        .simple_query("select 1")
+        .await
+        .expect("otherdb is not paused");
+    admin.query("RECONNECT otherdb").await.expect("RECONNECT");
+    admin.query("RESUME appdb").await.expect("RESUME appdb");
+    assert_eq!(paused("appdb").await, ("0".into(), "0".into()));
+    app.simple_query("select 1").await.expect("appdb resumed");
+    drop((app, other, admin));
+    sluice.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn show_users_class_is_the_class_in_effect() {
+    let pg = PgCluster::shared();
+    let b = base(pg)
+        .append("[classes.web]\npriority = 100\n")
+        .user_set("md5user", "class", "\"web\"");
+    let sluice = SluiceHandle::start(b).await;
+    let admin = AdminConsole::connect(&sluice, "app").await.expect("admin");
+    let users = admin.show("USERS").await.expect("SHOW USERS");
+    let class = |name: &str| {
+        users
+            .iter()
+            .find(|r| r["name"] == name)
+            .unwrap_or_else(|| panic!("SHOW USERS lacks {name}: {users:?}"))["class"]
+            .clone()
+    };
+    assert_eq!(class("md5user"), "web");
+    assert_eq!(
+        class("app"),
+        "default",
+        "a user without a class runs in the default class"
+    );
+    drop(admin);
+    sluice.shutdown().await;
+}
+
+/// KILL_CLIENT ends a client that waits for a server connection (here in a paused pool) at
+/// once, and its statement never reaches PostgreSQL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_client_ends_a_waiting_client_before_its_statement_runs() {
+    let pg = PgCluster::shared();
+    let sluice = SluiceHandle::start(base(pg)).await;
+    let setup = sluice.connect("app", "appdb").await;
+    setup
+        .batch_execute("create table if not exists adm_kill_wait (n int); truncate adm_kill_wait")
+        .await
+        .expect("table");
+    let victim = connect_app(&sluice, "app", "appdb", "adm-kill-waiting")
+        .await
+        .expect("victim");
+    let admin = AdminConsole::connect(&sluice, "app").await.expect("admin");
+    admin.query("PAUSE appdb").await.expect("PAUSE");
+    let insert = tokio::spawn(async move {
+        victim
+            .simple_query("insert into adm_kill_wait values (1)")
+            .await
+            .map(drop)
+    });
+    let id = eventually("the victim to wait", WAIT, || async {
+        let rows = admin.clients_of_app("adm-kill-waiting").await?;
+        Ok(rows
+            .first()
+            .filter(|r| r.get("state").map(String::as_str) == Some("waiting"))
+            .map(|r| r["id"].clone()))
+    })
+    .await
+    .expect("waiting");
+    admin
+        .query(&format!("KILL_CLIENT {id}"))
+        .await
+        .expect("KILL_CLIENT");
+    // While the pool is still paused: the kill does not wait for a connection.
+    let err = tokio::time::timeout(WAIT, insert)
+        .await
+        .expect("the killed client's statement ends while the pool is paused")
+        .expect("join")
+        .expect_err("killed");
+    assert_eq!(
+        sqlstate(&err).as_deref(),
+        Some("57P01"),
+        "{}",
+        db_error_text(&err)
+    );
+    admin.query("RESUME appdb").await.expect("RESUME");
+    let n: i64 = setup
+        .query_one("select count(*) from adm_kill_wait", &[])
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(n, 0, "the killed client's insert never ran");
+    drop((setup, admin));
     sluice.shutdown().await;
 }

@@ -104,3 +104,60 @@ async fn without_defer_accept_silent_connections_are_accepted() {
     .expect("accepted");
     sluice.shutdown().await;
 }
+
+/// The `tr` (timer) fields of the established 127.0.0.1 sockets in /proc/net/tcp with local
+/// port `local` and, if given, remote port `remote`. 2 is the keepalive timer; 1 (retransmit or
+/// loss probe) shows briefly after a send.
+fn tcp_timers(local: u16, remote: Option<u16>) -> Vec<u8> {
+    let table = std::fs::read_to_string("/proc/net/tcp").expect("read /proc/net/tcp");
+    let local = format!("0100007F:{local:04X}");
+    let remote = remote.map(|p| format!("0100007F:{p:04X}"));
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let matches = f.get(1) == Some(&local.as_str())
+                && remote.as_deref().is_none_or(|r| f.get(2) == Some(&r))
+                && f.get(3) == Some(&"01"); // ESTABLISHED
+            matches
+                .then(|| f.get(5)?.split(':').next()?.parse().ok())
+                .flatten()
+        })
+        .collect()
+}
+
+/// `tcp_keepalive` covers both legs: Sluice's socket to the client and its socket to the
+/// server. An idle socket with SO_KEEPALIVE shows the keepalive timer in /proc/net/tcp.
+#[tokio::test(flavor = "multi_thread")]
+async fn tcp_keepalive_covers_client_and_server_sockets() {
+    for on in [true, false] {
+        let pg = PgCluster::shared();
+        let flag = if on { "true" } else { "false" };
+        let sluice = SluiceHandle::start(ConfigBuilder::new(pg).set("tcp_keepalive", flag)).await;
+        let client = sluice.connect("app", "appdb").await;
+        // Sluice's end of its server connection, as PostgreSQL sees it.
+        let row = client
+            .query_one("select inet_client_port(), inet_server_port()", &[])
+            .await
+            .expect("ports");
+        let port = |i| u16::try_from(row.get::<_, i32>(i)).expect("a TCP port");
+        let (to_server, pg_port) = (port(0), port(1));
+        let want = if on { 2 } else { 0 };
+        let legs = [
+            ("server", to_server, Some(pg_port)),
+            ("client", sluice.port(), None),
+        ];
+        for (leg, local, remote) in legs {
+            eventually(
+                &format!("{leg} leg's timer {want} with tcp_keepalive = {on}"),
+                Duration::from_secs(10),
+                || async move { Ok((tcp_timers(local, remote) == [want]).then_some(())) },
+            )
+            .await
+            .expect("timer");
+        }
+        drop(client);
+        sluice.shutdown().await;
+    }
+}

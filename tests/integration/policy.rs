@@ -60,6 +60,16 @@ async fn priority_plugin_assigns_classes_by_application_name() {
         assert_eq!(rows[0]["class"], class, "class of {app}: {:?}", rows[0]);
     }
     let policies = admin.policy_row("priority").await.expect("SHOW POLICIES");
+    // What the plugin reported in init: its crate's name and version.
+    assert_eq!(
+        (
+            policies["plugin_name"].as_str(),
+            policies["version"].as_str()
+        ),
+        ("priority", "0.1.0"),
+        "{policies:?}"
+    );
+    assert_eq!(policies["breaker_open"], "0");
     let calls: u64 = policies["calls"].parse().expect("calls");
     assert!(calls >= 4, "priority plugin calls: {policies:?}");
     drop(clients);
@@ -437,5 +447,121 @@ async fn policy_statement_timeout_cancels_and_does_not_leak() {
         .expect("show");
     assert_eq!(row.get::<_, String>(0), "7s");
     drop((batch, web));
+    sluice.shutdown().await;
+}
+
+/// A client keeps its own cookie for each plugin across reloads that add plugins in front of
+/// the one that admitted it and reorder them: deny-ddl still knows the client is restricted
+/// (its cookie), not the cookie of whatever plugin now sits at its old position.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cookies_survive_reloads_that_add_and_reorder_plugins() {
+    let pg = PgCluster::shared();
+    let deny = plugin_toml("deny-ddl", "deny-ddl", "closed", &[r#"roles = "md5user""#]);
+    let priority = plugin_toml("priority", "priority", "closed", &[]);
+    let config = |plugins: &[&String]| {
+        plugins
+            .iter()
+            .fold(base(pg).append(RELAXED_POLICY), |b, p| b.append(p))
+    };
+    let mut sluice = SluiceHandle::start(config(&[&deny])).await;
+    let restricted = sluice.connect("md5user", "appdb").await;
+    let refused = |e: Result<Vec<tokio_postgres::SimpleQueryMessage>, tokio_postgres::Error>,
+                   when: &str| {
+        let e = e.expect_err(&format!(
+            "{when}: DDL of the restricted client must be refused"
+        ));
+        assert_eq!(
+            sqlstate(&e).as_deref(),
+            Some("42501"),
+            "{when}: {}",
+            db_error_text(&e)
+        );
+        assert!(
+            db_error_text(&e).contains("policy deny-ddl"),
+            "{when}: refused by something else: {}",
+            db_error_text(&e)
+        );
+    };
+    refused(
+        restricted.simple_query("drop table pol_cookie_none").await,
+        "before any reload",
+    );
+    for (when, plugins) in [
+        ("after adding a plugin in front", [&priority, &deny]),
+        ("after reordering", [&deny, &priority]),
+    ] {
+        sluice
+            .reload(config(&plugins))
+            .await
+            .unwrap_or_else(|e| panic!("reload {when}: {e:#}"));
+        refused(
+            restricted.simple_query("drop table pol_cookie_none").await,
+            when,
+        );
+        // Reads still work for the old client, and new clients are judged by the new set.
+        restricted
+            .simple_query("select 1")
+            .await
+            .unwrap_or_else(|e| panic!("{when}: select: {}", db_error_text(&e)));
+        let fresh = sluice.connect("md5user", "appdb").await;
+        refused(
+            fresh.simple_query("drop table pol_cookie_none").await,
+            &format!("{when}, new client"),
+        );
+    }
+    drop(restricted);
+    sluice.shutdown().await;
+}
+
+/// Plugins that admitted a client hear `on-disconnect` however the client ends, including
+/// when Sluice refuses it after the plugins admitted it (here `max_user_client_connections`):
+/// otherwise a plugin's own connection count leaks with every such refusal.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_refused_after_admission_still_gets_on_disconnect() {
+    use sluice_tests::harness::ops::{metric, plugin_toml_at, scrape_metrics};
+    let pg = PgCluster::shared();
+    let probe = sluice_policy::testing::test_plugin_path("probe");
+    let b = base(pg)
+        .set("max_user_client_connections", "1")
+        .set_str("metrics_addr", "127.0.0.1:0")
+        .append(RELAXED_POLICY)
+        .append(&plugin_toml_at("probe", &probe, "closed", &[]));
+    let sluice = SluiceHandle::start(b).await;
+    let addr = sluice.running().metrics_addr().expect("metrics listener");
+    let calls = |text: &str, hook: &str| {
+        metric(
+            text,
+            &format!("sluice_policy_calls_total{{plugin=\"probe\",hook=\"{hook}\"}}"),
+        )
+        .unwrap_or(0.0)
+    };
+    let first = sluice.connect("app", "appdb").await;
+    let err = match sluice.try_connect("app", Some("secret"), "appdb").await {
+        Ok(_) => panic!("a second client of app must be refused"),
+        Err(e) => e,
+    };
+    assert_eq!(
+        sqlstate(&err).as_deref(),
+        Some("53300"),
+        "{}",
+        db_error_text(&err)
+    );
+    // The refused client is released at once; the first is still connected.
+    let wait_for = |connects: f64, disconnects: f64| async move {
+        sluice_tests::harness::eventually(
+            &format!("{connects} on-connect and {disconnects} on-disconnect calls"),
+            WAIT,
+            || async move {
+                let text = scrape_metrics(addr).await?;
+                let now = (calls(&text, "on-connect"), calls(&text, "on-disconnect"));
+                Ok((now == (connects, disconnects)).then_some(()))
+            },
+        )
+        .await
+        .expect("balanced connects and disconnects");
+    };
+    wait_for(2.0, 1.0).await;
+    drop(first);
+    wait_for(2.0, 2.0).await;
     sluice.shutdown().await;
 }

@@ -155,6 +155,12 @@ fn general(g: RawGeneral) -> Result<General> {
         "is empty and no unix_socket_dir is set: nothing to listen on",
     )?;
     check(
+        g.max_prepared_statements >= 1,
+        "sluice.max_prepared_statements",
+        "must be at least 1: Sluice always maps named prepared statements in transaction mode \
+         (unlike PgBouncer, 0 does not turn that off)",
+    )?;
+    check(
         g.max_client_conn >= 1,
         "sluice.max_client_conn",
         "must be at least 1",

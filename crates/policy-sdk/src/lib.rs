@@ -198,7 +198,8 @@ pub fn rate_limit(key: &str, per_sec: f64, burst: u32) -> bool {
     raw::rate_limit(key, per_sec, burst)
 }
 
-/// The occupancy of a pool ("database/user"), if the host knows it.
+/// The occupancy of a pool (named "db.user", or a bare database name for its first pool), if
+/// the host knows it.
 pub fn pool_state(pool: &str) -> Option<PoolSnapshot> {
     raw::pool_state(pool)
 }

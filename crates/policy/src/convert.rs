@@ -160,6 +160,18 @@ pub(crate) fn admission(a: &wit::Admission, classes: &[String]) -> Result<Option
     if let Some(k) = &a.limit_key {
         name("limit-key", k)?;
     }
+    // 0 would mean "no client may connect" / "no transaction may run": never what a plugin
+    // wants, and 0 used to be read as unlimited by one limit and as a wait forever by the other.
+    if a.key_max_clients == Some(0) {
+        return Err(invalid(
+            "key-max-clients must be at least 1 (none = no limit)".into(),
+        ));
+    }
+    if a.key_max_active == Some(0) {
+        return Err(invalid(
+            "key-max-active must be at least 1 (none = no limit)".into(),
+        ));
+    }
     match a.key_rate {
         Some(r) if !(r.per_sec.is_finite() && r.per_sec > 0.0) || r.burst == 0 => {
             Err(invalid(format!(
@@ -227,5 +239,51 @@ mod tests {
         assert!(r("4250a", "no").is_err());
         assert!(r("42501", " ").is_err());
         assert_eq!(SqlState::parse("58000"), Some(SqlState::SYSTEM_ERROR));
+    }
+
+    fn adm() -> wit::Admission {
+        wit::Admission {
+            class: None,
+            priority: None,
+            cookie: 0,
+            limit_key: Some("app:x".into()),
+            key_max_active: None,
+            key_rate: None,
+            key_max_clients: None,
+        }
+    }
+
+    fn invalid_message(a: &wit::Admission) -> String {
+        match admission(a, &[]) {
+            Err(Failure::Invalid(m)) => m,
+            other => panic!("expected an invalid decision, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn zero_key_limits_are_invalid() {
+        assert!(admission(&adm(), &[]).is_ok());
+        let ok = wit::Admission {
+            key_max_active: Some(1),
+            key_max_clients: Some(1),
+            ..adm()
+        };
+        assert!(admission(&ok, &[]).is_ok());
+        let clients = wit::Admission {
+            key_max_clients: Some(0),
+            ..adm()
+        };
+        assert_eq!(
+            invalid_message(&clients),
+            "key-max-clients must be at least 1 (none = no limit)"
+        );
+        let active = wit::Admission {
+            key_max_active: Some(0),
+            ..adm()
+        };
+        assert_eq!(
+            invalid_message(&active),
+            "key-max-active must be at least 1 (none = no limit)"
+        );
     }
 }

@@ -24,10 +24,86 @@ use crate::{
 /// Unique id of each loaded plugin generation (keys the per-thread instance caches).
 static NEXT_UID: AtomicU64 = AtomicU64::new(1);
 
+/// Longest `plugin-info.name` / `version` kept from `init`.
+const MAX_INFO: usize = 256;
+
+/// The cookies of one client's admission: the value each admitting plugin returned from
+/// `on-connect`, tagged with the plugin that returned it.
+///
+/// Opaque to the proxy, which keeps it with the client and passes it back on every later hook;
+/// the engine hands each plugin its own cookie, whatever reloads added, removed or reordered in
+/// between. A plugin is identified by its *lineage*: the generations loaded under one config
+/// name in consecutive plugin sets (a reload of the same name continues the lineage; a name
+/// dropped from the config ends it). So:
+/// - a plugin gets the cookie its lineage returned for this client, or 0 if the client was
+///   admitted before the plugin was loaded (or its `on-connect` failed);
+/// - `on-disconnect` reaches exactly the still-loaded lineages that admitted the client.
+///
+/// A plugin admits a client when its `on-connect` returns an admission, or implicitly (cookie 0)
+/// when it does not implement `on-connect`. A plugin whose `on-connect` failed (fail open, or the
+/// breaker was open) did not admit the client: it gets cookie 0 and no `on-disconnect`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Cookies {
+    /// (lineage, cookie), in the order of the plugin set that admitted the client.
+    entries: Vec<(u64, u64)>,
+}
+
+impl Cookies {
+    /// The cookies of a client no plugin admitted: every plugin gets cookie 0 and no
+    /// `on-disconnect`.
+    pub const EMPTY: Cookies = Cookies {
+        entries: Vec::new(),
+    };
+
+    fn with_capacity(n: usize) -> Self {
+        Cookies {
+            entries: Vec::with_capacity(n),
+        }
+    }
+
+    fn push(&mut self, lineage: u64, cookie: u64) {
+        self.entries.push((lineage, cookie));
+    }
+
+    /// The cookie `lineage` issued. `at` is the plugin's position in the current set: unless
+    /// a reload changed the set since the client connected, its entry is right there.
+    fn get(&self, at: usize, lineage: u64) -> Option<u64> {
+        match self.entries.get(at) {
+            Some(&(l, c)) if l == lineage => Some(c),
+            _ => self
+                .entries
+                .iter()
+                .find(|(l, _)| *l == lineage)
+                .map(|&(_, c)| c),
+        }
+    }
+
+    /// How many plugins admitted the client.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// True when no plugin admitted the client (none was loaded, or all failed open).
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// The cookie values, in the order of the plugin set that admitted the client (one per
+    /// admitting plugin), for display.
+    pub fn values(&self) -> impl Iterator<Item = u64> + '_ {
+        self.entries.iter().map(|&(_, c)| c)
+    }
+}
+
 /// One plugin of a loaded set.
 pub(crate) struct LoadedPlugin {
     pub(crate) uid: u64,
+    /// The uid of the first generation of this plugin's name in consecutive sets: cookies are
+    /// keyed by it (see [`Cookies`]).
+    lineage: u64,
     pub(crate) name: String,
+    /// `plugin-info.name` from `init`.
+    reported_name: String,
     path: PathBuf,
     digest: String,
     version: String,
@@ -62,6 +138,8 @@ pub struct ReloadReport {
     pub generation: u64,
     /// The plugins of the new set, in order.
     pub plugins: Vec<ReloadedPlugin>,
+    /// Settings that could not take full effect (also logged as warnings).
+    pub warnings: Vec<String>,
 }
 
 /// One plugin of a [`ReloadReport`].
@@ -178,7 +256,26 @@ impl PolicyEngine {
         match self.load_set(cfg, classes, generation) {
             Ok(set) => {
                 let old = self.current.load_full();
+                let mut warnings = Vec::new();
+                if let Some(rt) = self.runtime.get() {
+                    if cfg.memory_limit > rt.slot_bytes {
+                        let w = format!(
+                            "[policy] memory_limit = {} bytes is above the {} bytes reserved per \
+                             instance when the first plugin was loaded: plugins stay capped at {} \
+                             bytes; raising the limit above that needs a restart",
+                            cfg.memory_limit, rt.slot_bytes, rt.slot_bytes
+                        );
+                        tracing::warn!(
+                            setting = "policy.memory_limit",
+                            requested = cfg.memory_limit,
+                            effective = rt.slot_bytes,
+                            "{w}"
+                        );
+                        warnings.push(w);
+                    }
+                }
                 let report = ReloadReport {
+                    warnings,
                     generation,
                     plugins: set
                         .plugins
@@ -243,7 +340,16 @@ impl PolicyEngine {
                     .find(|p| p.digest == digest)
                     .map(|p| p.loaded.component.clone())
             };
-            plugins.push(Arc::new(self.load_plugin(cfg, pc, generation, reuse)?));
+            // A plugin reloaded under the same name continues its lineage: it gets the cookies
+            // (and on-disconnect) of the clients its previous generation admitted.
+            let lineage = previous
+                .plugins
+                .iter()
+                .find(|p| p.name == pc.name)
+                .map(|p| p.lineage);
+            plugins.push(Arc::new(
+                self.load_plugin(cfg, pc, generation, lineage, reuse)?,
+            ));
         }
         Ok(PluginSet {
             generation,
@@ -258,6 +364,7 @@ impl PolicyEngine {
         cfg: &PolicyConfig,
         pc: &PluginConfig,
         generation: u64,
+        lineage: Option<u64>,
         reuse: impl Fn(&str) -> Option<Component>,
     ) -> Result<LoadedPlugin, PolicyError> {
         let err = |cause: String| PolicyError::Load {
@@ -303,13 +410,19 @@ impl PolicyEngine {
             .filter(|(f, _)| info.hooks.contains(*f))
             .fold(0, |a, (_, h)| a | h.bit());
         let counters = Arc::clone(self.counters.lock().entry(pc.name.clone()).or_default());
-        tracing::info!(plugin = %pc.name, version = %info.version, %digest, hooks, "policy plugin loaded");
+        let (mut reported_name, mut version) = (info.name, info.version);
+        convert::truncate(&mut reported_name, MAX_INFO);
+        convert::truncate(&mut version, MAX_INFO);
+        tracing::info!(plugin = %pc.name, reported_name = %reported_name, version = %version, %digest, hooks, "policy plugin loaded");
+        let uid = NEXT_UID.fetch_add(1, Ordering::Relaxed);
         Ok(LoadedPlugin {
-            uid: NEXT_UID.fetch_add(1, Ordering::Relaxed),
+            uid,
+            lineage: lineage.unwrap_or(uid),
             name: pc.name.clone(),
+            reported_name,
             path: pc.path.clone(),
             digest,
-            version: info.version,
+            version,
             generation,
             loaded_at: SystemTime::now(),
             hooks,
@@ -325,22 +438,25 @@ impl PolicyEngine {
         })
     }
 
-    /// Calls one hook of one plugin, through its breaker, timing and counting it.
-    fn call<R>(
+    /// Calls one hook of one plugin, through its breaker, timing and counting it. `check`
+    /// validates the returned value: an invalid decision is a failure, and (like a trap) throws
+    /// the instance away.
+    fn call<T, R>(
         &self,
         p: &Arc<LoadedPlugin>,
         hook: Hook,
         f: impl FnOnce(
             &runtime::bindings::Policy,
             &mut wasmtime::Store<runtime::HostState>,
-        ) -> wasmtime::Result<R>,
+        ) -> wasmtime::Result<T>,
+        check: impl FnOnce(T) -> Result<R, Failure>,
     ) -> Result<R, Failure> {
         if p.breaker.is_open() {
             p.counters.decided(Outcome::BreakerSkip);
             return Err(Failure::BreakerOpen);
         }
         let start = Instant::now();
-        let r = runtime::with_instance(p, f);
+        let r = runtime::with_instance(p, f, check);
         let ns = u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX);
         p.counters.calls[hook as usize].fetch_add(1, Ordering::Relaxed);
         p.counters.call_ns.fetch_add(ns, Ordering::Relaxed);
@@ -382,33 +498,44 @@ impl PolicyEngine {
     }
 
     /// Runs `on-connect` of every plugin: the first rejection wins, admissions merge.
+    ///
+    /// A plugin without `on-connect` admits implicitly (cookie 0); a plugin whose `on-connect`
+    /// fails open does not admit (no cookie, no `on-disconnect`). When the client is rejected,
+    /// the plugins that admitted it before the rejection get `on-disconnect` at once, so what
+    /// they took in `on-connect` is released.
     pub fn on_connect(&self, f: &ClientFacts<'_>) -> ConnectDecision {
         let set = self.current.load();
         let mut adm = Admission {
-            cookies: Vec::with_capacity(set.plugins.len()),
+            cookies: Cookies::with_capacity(set.plugins.len()),
             ..Admission::default()
         };
         if !self.wants(Hook::Connect) {
-            adm.cookies.resize(set.plugins.len(), 0);
+            for p in &set.plugins {
+                adm.cookies.push(p.lineage, 0);
+            }
             return ConnectDecision::Admit(adm);
         }
         let facts = convert::client_facts(f);
         for p in &set.plugins {
             if !p.implements(Hook::Connect) {
-                adm.cookies.push(0);
+                adm.cookies.push(p.lineage, 0);
                 continue;
             }
-            let r = self.call(p, Hook::Connect, |i, s| i.call_on_connect(s, &facts));
-            let r = r.and_then(|d| match d {
-                wit::ConnectDecision::Admit(a) => {
-                    convert::admission(&a, &set.classes).map(|rate| Ok((a, rate)))
-                }
-                wit::ConnectDecision::Reject(r) => convert::rejection(r).map(Err),
-            });
+            let r = self.call(
+                p,
+                Hook::Connect,
+                |i, s| i.call_on_connect(s, &facts),
+                |d| match d {
+                    wit::ConnectDecision::Admit(a) => {
+                        convert::admission(&a, &set.classes).map(|rate| Ok((a, rate)))
+                    }
+                    wit::ConnectDecision::Reject(r) => convert::rejection(r).map(Err),
+                },
+            );
             match r {
                 Ok(Ok((a, rate))) => {
                     p.counters.decided(Outcome::Admit);
-                    adm.cookies.push(a.cookie);
+                    adm.cookies.push(p.lineage, a.cookie);
                     merge(&mut adm.class, a.class);
                     merge(&mut adm.priority, a.priority);
                     merge(&mut adm.limit_key, a.limit_key);
@@ -418,12 +545,16 @@ impl PolicyEngine {
                 }
                 Ok(Err(rejection)) => {
                     p.counters.decided(Outcome::Reject);
+                    self.disconnect_in(&set, &adm.cookies);
                     return ConnectDecision::Reject(rejection);
                 }
-                Err(failure) => match self.failed(p, Hook::Connect, &failure) {
-                    Some(rejection) => return ConnectDecision::Reject(rejection),
-                    None => adm.cookies.push(0),
-                },
+                Err(failure) => {
+                    if let Some(rejection) = self.failed(p, Hook::Connect, &failure) {
+                        self.disconnect_in(&set, &adm.cookies);
+                        return ConnectDecision::Reject(rejection);
+                    }
+                    // Failed open: this plugin did not admit the client.
+                }
             }
         }
         ConnectDecision::Admit(adm)
@@ -450,15 +581,19 @@ impl PolicyEngine {
             if !p.implements(hook) {
                 continue;
             }
-            facts.cookie = f.cookies.get(i).copied().unwrap_or(0);
-            let r = self.call(p, hook, |inst, s| match hook {
-                Hook::Query => inst.call_on_query(s, &facts),
-                _ => inst.call_on_transaction(s, &facts),
-            });
-            let r = r.and_then(|d| match d {
-                wit::TxDecision::Proceed(pr) => convert::proceed(pr).map(Ok),
-                wit::TxDecision::Reject(r) => convert::rejection(r).map(Err),
-            });
+            facts.cookie = f.cookies.get(i, p.lineage).unwrap_or(0);
+            let r = self.call(
+                p,
+                hook,
+                |inst, s| match hook {
+                    Hook::Query => inst.call_on_query(s, &facts),
+                    _ => inst.call_on_transaction(s, &facts),
+                },
+                |d| match d {
+                    wit::TxDecision::Proceed(pr) => convert::proceed(pr).map(Ok),
+                    wit::TxDecision::Reject(r) => convert::rejection(r).map(Err),
+                },
+            );
             match r {
                 Ok(Ok(pr)) => {
                     p.counters.decided(Outcome::Proceed);
@@ -489,8 +624,13 @@ impl PolicyEngine {
         let set = self.current.load();
         let facts = convert::pressure_facts(f);
         for p in set.plugins.iter().filter(|p| p.implements(Hook::Pressure)) {
-            let r = self.call(p, Hook::Pressure, |i, s| i.call_on_pressure(s, &facts));
-            match r.and_then(|list| convert::actions(list, &set.classes)) {
+            let r = self.call(
+                p,
+                Hook::Pressure,
+                |i, s| i.call_on_pressure(s, &facts),
+                |list| convert::actions(list, &set.classes),
+            );
+            match r {
                 Ok(actions) => {
                     p.counters.decided(Outcome::Actions);
                     out.extend(actions);
@@ -517,34 +657,57 @@ impl PolicyEngine {
             .enumerate()
             .filter(|(_, p)| p.implements(Hook::Complete))
         {
-            facts.cookie = f.cookies.get(i).copied().unwrap_or(0);
-            if let Err(failure) = self.call(p, Hook::Complete, |inst, s| {
-                inst.call_on_complete(s, &facts)
-            }) {
+            facts.cookie = f.cookies.get(i, p.lineage).unwrap_or(0);
+            if let Err(failure) = self.call(
+                p,
+                Hook::Complete,
+                |inst, s| inst.call_on_complete(s, &facts),
+                Ok,
+            ) {
                 let _ = self.failed(p, Hook::Complete, &failure);
             }
         }
     }
 
-    /// Runs `on-disconnect` of every plugin that implements it, with its cookie.
-    pub fn on_disconnect(&self, cookies: &[u64]) {
+    /// Runs `on-disconnect` of every loaded plugin that implements it and admitted the client
+    /// (see [`Cookies`]), with its own cookie.
+    pub fn on_disconnect(&self, cookies: &Cookies) {
         if !self.wants(Hook::Disconnect) {
             return;
         }
         let set = self.current.load();
+        self.disconnect_in(&set, cookies);
+    }
+
+    /// `on-disconnect` for the plugins of `set` that admitted the client.
+    fn disconnect_in(&self, set: &PluginSet, cookies: &Cookies) {
         for (i, p) in set
             .plugins
             .iter()
             .enumerate()
             .filter(|(_, p)| p.implements(Hook::Disconnect))
         {
-            let cookie = cookies.get(i).copied().unwrap_or(0);
-            if let Err(failure) = self.call(p, Hook::Disconnect, |inst, s| {
-                inst.call_on_disconnect(s, cookie)
-            }) {
+            let Some(cookie) = cookies.get(i, p.lineage) else {
+                continue;
+            };
+            if let Err(failure) = self.call(
+                p,
+                Hook::Disconnect,
+                |inst, s| inst.call_on_disconnect(s, cookie),
+                Ok,
+            ) {
                 let _ = self.failed(p, Hook::Disconnect, &failure);
             }
         }
+    }
+
+    /// The value of host counter `key` of plugin `plugin` (0 if absent). For tests.
+    #[cfg(any(test, feature = "testing"))]
+    pub fn host_counter(&self, plugin: &str, key: &str) -> i64 {
+        self.namespaces
+            .lock()
+            .get(plugin)
+            .map_or(0, |ns| ns.counter_get(key))
     }
 
     /// Statistics of the active plugins, in order.
@@ -557,6 +720,8 @@ impl PolicyEngine {
                 let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
                 PluginStats {
                     name: p.name.clone(),
+                    plugin_name: p.reported_name.clone(),
+                    version: p.version.clone(),
                     path: p.path.clone(),
                     generation: p.generation,
                     digest: p.digest.clone(),

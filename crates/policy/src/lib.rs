@@ -23,7 +23,7 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::SystemTime;
 
-pub use engine::{PolicyEngine, ReloadReport, ReloadedPlugin};
+pub use engine::{Cookies, PolicyEngine, ReloadReport, ReloadedPlugin};
 pub use error::PolicyError;
 pub use kind::statement_kind;
 pub use policy::Policy;
@@ -75,7 +75,8 @@ pub struct ClientFacts<'a> {
     pub port: u16,
     /// Whether the connection is TLS.
     pub tls: bool,
-    /// Other startup parameters, in order.
+    /// Every startup parameter, in the order the client sent them (`user`, `database` and
+    /// `application_name` included).
     pub params: &'a [(String, String)],
 }
 
@@ -95,15 +96,17 @@ pub struct Admission {
     pub class: Option<String>,
     /// None = the class priority.
     pub priority: Option<i32>,
-    /// One per loaded plugin, in plugin order; passed back on later hooks.
-    pub cookies: Vec<u64>,
+    /// Each admitting plugin's cookie, tagged with that plugin: keep it with the client and pass
+    /// it back on later hooks ([`TransactionFacts::cookies`], [`CompletionFacts::cookies`],
+    /// [`PolicyEngine::on_disconnect`]).
+    pub cookies: Cookies,
     /// Per-client key (address, application, tenant...) for the `key_*` limits.
     pub limit_key: Option<String>,
-    /// Max server connections held at once by this key.
+    /// Max server connections held at once by this key (>= 1).
     pub key_max_active: Option<u32>,
     /// Transactions per second for this key.
     pub key_rate: Option<Rate>,
-    /// Max client connections for this key (53300 beyond).
+    /// Max client connections for this key (>= 1; 53300 beyond).
     pub key_max_clients: Option<u32>,
 }
 
@@ -169,12 +172,13 @@ pub struct PoolSnapshot {
 #[derive(Debug, Clone, Copy)]
 pub struct TransactionFacts<'a> {
     /// The cookies of the client's admission.
-    pub cookies: &'a [u64],
+    pub cookies: &'a Cookies,
     /// The client's class.
     pub class: &'a str,
     /// Kind of `query`.
     pub kind: StatementKind,
-    /// Inside an explicit transaction block.
+    /// The server's last ReadyForQuery status was "in a transaction block" (or "failed
+    /// transaction block"): false at a transaction start.
     pub in_transaction: bool,
     /// Statement text (the engine caps it at `max_query_len` bytes on a char boundary).
     pub query: &'a str,
@@ -230,7 +234,7 @@ pub struct ClassPressure {
 /// A saturated pool: the input of `on-pressure`.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PressureFacts {
-    /// Pool name ("database/user").
+    /// Pool name ("db.user").
     pub pool: String,
     /// Pool size.
     #[serde(default)]
@@ -264,9 +268,9 @@ pub struct PressureAction {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Outcome {
-    /// Committed.
+    /// Ended without an error. The proxy reports a client's ROLLBACK as this too.
     Committed,
-    /// Rolled back by the client.
+    /// Rolled back by the client. Not produced by the proxy yet (see `docs/plugins.md`).
     RolledBack,
     /// Ended with an error.
     Failed,
@@ -278,12 +282,13 @@ pub enum Outcome {
 #[derive(Debug, Clone, Copy)]
 pub struct CompletionFacts<'a> {
     /// The cookies of the client's admission.
-    pub cookies: &'a [u64],
+    pub cookies: &'a Cookies,
     /// The client's class.
     pub class: &'a str,
-    /// Duration, µs.
+    /// From checkout (a server connection assigned) to the end of the transaction, µs. Excludes
+    /// the queue wait.
     pub duration_us: u64,
-    /// Queue wait, µs.
+    /// Queue wait before checkout, µs.
     pub wait_us: u64,
     /// How it ended.
     pub outcome: Outcome,
@@ -336,7 +341,7 @@ impl Hook {
 
 /// Source of pool occupancy for the `pool-state` host function.
 pub trait PoolStateProvider: Send + Sync {
-    /// The occupancy of `pool` ("database/user"), if it exists.
+    /// The occupancy of `pool` ("db.user"), if it exists.
     fn pool_state(&self, pool: &str) -> Option<PoolSnapshot>;
 }
 
@@ -346,6 +351,11 @@ pub trait PoolStateProvider: Send + Sync {
 pub struct PluginStats {
     /// Name from the config.
     pub name: String,
+    /// The name the plugin reported from `init` (`plugin-info.name`; informational, at most
+    /// 256 bytes).
+    pub plugin_name: String,
+    /// The version the plugin reported from `init` (`plugin-info.version`, at most 256 bytes).
+    pub version: String,
     /// Component file.
     pub path: PathBuf,
     /// Generation of the plugin set this plugin was loaded in.

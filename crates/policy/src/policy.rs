@@ -6,9 +6,9 @@ use std::sync::Arc;
 use sluice_config::PolicyConfig;
 
 use crate::{
-    ClientFacts, CompletionFacts, ConnectDecision, Hook, PluginStats, PolicyEngine, PolicyError,
-    PoolStateProvider, PressureAction, PressureFacts, ReloadReport, TransactionDecision,
-    TransactionFacts,
+    ClientFacts, CompletionFacts, ConnectDecision, Cookies, Hook, PluginStats, PolicyEngine,
+    PolicyError, PoolStateProvider, PressureAction, PressureFacts, ReloadReport,
+    TransactionDecision, TransactionFacts,
 };
 
 /// Decisions the proxy asks for. Every hook returns a final decision: failure modes, the circuit
@@ -26,8 +26,9 @@ pub trait Policy: Send + Sync {
     fn on_pressure(&self, f: &PressureFacts) -> Vec<PressureAction>;
     /// After a transaction.
     fn on_complete(&self, f: &CompletionFacts<'_>);
-    /// When a client leaves.
-    fn on_disconnect(&self, cookies: &[u64]);
+    /// When a client leaves (or after an admission the proxy then refused), with the cookies of
+    /// its admission.
+    fn on_disconnect(&self, cookies: &Cookies);
     /// Swaps in the plugins of `cfg`, or refuses and keeps the old ones. Blocking.
     fn reload(&self, cfg: &PolicyConfig, classes: &[String]) -> Result<ReloadReport, PolicyError>;
     /// Where plugins read pool state from.
@@ -57,7 +58,7 @@ impl Policy for PolicyEngine {
     fn on_complete(&self, f: &CompletionFacts<'_>) {
         PolicyEngine::on_complete(self, f)
     }
-    fn on_disconnect(&self, cookies: &[u64]) {
+    fn on_disconnect(&self, cookies: &Cookies) {
         PolicyEngine::on_disconnect(self, cookies)
     }
     fn reload(&self, cfg: &PolicyConfig, classes: &[String]) -> Result<ReloadReport, PolicyError> {

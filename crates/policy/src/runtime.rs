@@ -113,7 +113,7 @@ impl Ticker {
 impl Runtime {
     pub(crate) fn new(memory_limit: u64) -> Result<Runtime, String> {
         // A slot of at least 16 MiB, in whole wasm pages, so later reloads may raise the limit
-        // up to there.
+        // up to there. Beyond it the limit is capped (`Loaded::link`) and a reload warns.
         let slot_bytes = memory_limit.max(16 << 20).div_ceil(65_536) * 65_536;
         let slot = usize::try_from(slot_bytes).map_err(|e| e.to_string())?;
         let mut pool = PoolingAllocationConfig::default();
@@ -429,11 +429,13 @@ thread_local! {
     static INSTANCES: RefCell<Vec<Cached>> = const { RefCell::new(Vec::new()) };
 }
 
-/// Calls `f` on this thread's instance of `plugin`, creating it if needed. After a failure the
-/// instance is dropped; the next call builds a fresh one.
-pub(crate) fn with_instance<R>(
+/// Calls `f` on this thread's instance of `plugin`, creating it if needed, and validates its
+/// result with `check`. After a failure (a trap, a timeout, out-of-memory, or a result `check`
+/// refuses: an invalid decision) the instance is dropped; the next call builds a fresh one.
+pub(crate) fn with_instance<T, R>(
     plugin: &Arc<crate::engine::LoadedPlugin>,
-    f: impl FnOnce(&Policy, &mut Store<HostState>) -> wasmtime::Result<R>,
+    f: impl FnOnce(&Policy, &mut Store<HostState>) -> wasmtime::Result<T>,
+    check: impl FnOnce(T) -> Result<R, Failure>,
 ) -> Result<R, Failure> {
     INSTANCES.with(|cell| {
         let mut cache = cell.borrow_mut();
@@ -454,13 +456,13 @@ pub(crate) fn with_instance<R>(
         let _running = plugin.loaded.ticker.running();
         let inst = &mut cache[idx].instance;
         inst.store.set_epoch_deadline(inst.deadline_ticks);
-        match f(&inst.policy, &mut inst.store) {
-            Ok(v) => Ok(v),
-            Err(e) => {
-                let failure = classify(&e, inst.store.data().memory_denied);
-                cache.swap_remove(idx);
-                Err(failure)
-            }
+        let r = match f(&inst.policy, &mut inst.store) {
+            Ok(v) => check(v),
+            Err(e) => Err(classify(&e, inst.store.data().memory_denied)),
+        };
+        if r.is_err() {
+            cache.swap_remove(idx);
         }
+        r
     })
 }

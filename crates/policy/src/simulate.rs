@@ -22,7 +22,7 @@ use serde_json::{json, Value};
 use sluice_config::PolicyConfig;
 
 use crate::{
-    statement_kind, ClientFacts, CompletionFacts, ConnectDecision, Outcome, PolicyEngine,
+    statement_kind, ClientFacts, CompletionFacts, ConnectDecision, Cookies, Outcome, PolicyEngine,
     PolicyError, PoolSnapshot, PressureFacts, Rejection, TransactionDecision, TransactionFacts,
 };
 
@@ -109,7 +109,7 @@ struct PoolJson {
 
 /// A connected client: its class and cookies, or None if it was rejected.
 struct Client {
-    admitted: Option<(String, Vec<u64>)>,
+    admitted: Option<(String, Cookies)>,
 }
 
 fn rejection_json(r: &Rejection) -> Value {
@@ -178,7 +178,7 @@ pub fn simulate(
                         });
                         json!({
                             "decision": "admit", "class": a.class, "priority": a.priority,
-                            "cookies": a.cookies, "limit_key": a.limit_key,
+                            "cookies": a.cookies.values().collect::<Vec<_>>(), "limit_key": a.limit_key,
                             "key_max_active": a.key_max_active,
                             "key_rate": a.key_rate.map(|r| json!({"per_sec": r.per_sec, "burst": r.burst})),
                             "key_max_clients": a.key_max_clients,
@@ -235,7 +235,7 @@ fn tx_line(
     engine: &PolicyEngine,
     event: &str,
     tx: &TxEvent,
-    (class, cookies): (String, Vec<u64>),
+    (class, cookies): (String, Cookies),
     sum: &mut SimSummary,
 ) -> Value {
     let pool = tx.pool.unwrap_or_default();

@@ -28,32 +28,54 @@ pub fn plugins_target_dir() -> PathBuf {
     home.join(".cache/sluice/plugins-target")
 }
 
+/// The test-only plugins of this crate (`crates/policy/tests/wasm/`, a workspace of its own),
+/// found like [`plugins_dir`].
+pub fn test_plugins_dir() -> PathBuf {
+    let runtime = std::env::var_os("CARGO_MANIFEST_DIR").map(PathBuf::from);
+    runtime
+        .iter()
+        .flat_map(|d| d.ancestors())
+        .map(|d| d.join("crates/policy/tests/wasm"))
+        .find(|p| p.join("Cargo.toml").is_file())
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/wasm"))
+}
+
 /// Builds every plugin (`cargo build --release --target wasm32-wasip2` in `plugins/`) once per
 /// process; cargo's own lock on the target directory serialises concurrent test binaries.
 /// Panics with cargo's output if the build fails.
 pub fn build_plugins() -> &'static Path {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
-    BUILT.get_or_init(|| {
-        let target = plugins_target_dir();
-        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        let out = Command::new(cargo)
-            .current_dir(plugins_dir())
-            .args(["build", "--release", "--target", "wasm32-wasip2"])
-            .env("CARGO_TARGET_DIR", &target)
-            // Flags meant for the host (coverage, sanitizers) break the wasm build.
-            .env_remove("RUSTFLAGS")
-            .env_remove("CARGO_ENCODED_RUSTFLAGS")
-            .env_remove("CARGO_BUILD_RUSTFLAGS")
-            .env_remove("CARGO_BUILD_TARGET")
-            .output()
-            .unwrap_or_else(|e| panic!("running cargo to build the plugins: {e}"));
-        assert!(
-            out.status.success(),
-            "building plugins failed (is the wasm32-wasip2 target installed? `rustup target add wasm32-wasip2`):\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        target.join("wasm32-wasip2/release")
-    })
+    BUILT.get_or_init(|| build_workspace(&plugins_dir()))
+}
+
+/// Builds the test-only plugins of `crates/policy/tests/wasm/` once per process, into the same
+/// target directory as [`build_plugins`]. Panics with cargo's output if the build fails.
+pub fn build_test_plugins() -> &'static Path {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT.get_or_init(|| build_workspace(&test_plugins_dir()))
+}
+
+/// `cargo build --release --target wasm32-wasip2` in `dir`; returns the output directory.
+fn build_workspace(dir: &Path) -> PathBuf {
+    let target = plugins_target_dir();
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let out = Command::new(cargo)
+        .current_dir(dir)
+        .args(["build", "--release", "--target", "wasm32-wasip2"])
+        .env("CARGO_TARGET_DIR", &target)
+        // Flags meant for the host (coverage, sanitizers) break the wasm build.
+        .env_remove("RUSTFLAGS")
+        .env_remove("CARGO_ENCODED_RUSTFLAGS")
+        .env_remove("CARGO_BUILD_RUSTFLAGS")
+        .env_remove("CARGO_BUILD_TARGET")
+        .output()
+        .unwrap_or_else(|e| panic!("running cargo to build the plugins: {e}"));
+    assert!(
+        out.status.success(),
+        "building plugins failed (is the wasm32-wasip2 target installed? `rustup target add wasm32-wasip2`):\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    target.join("wasm32-wasip2/release")
 }
 
 /// The built component of plugin `name` (a plugins-workspace package name such as "priority",
@@ -61,5 +83,17 @@ pub fn build_plugins() -> &'static Path {
 pub fn plugin_path(name: &str) -> PathBuf {
     let path = build_plugins().join(format!("{}.wasm", name.replace('-', "_")));
     assert!(path.exists(), "no plugin component at {}", path.display());
+    path
+}
+
+/// The built component of a test-only plugin of this crate (`crates/policy/tests/wasm/NAME`,
+/// such as "probe"), building them first if needed.
+pub fn test_plugin_path(name: &str) -> PathBuf {
+    let path = build_test_plugins().join(format!("{}.wasm", name.replace('-', "_")));
+    assert!(
+        path.exists(),
+        "no test plugin component at {}",
+        path.display()
+    );
     path
 }

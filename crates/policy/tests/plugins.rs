@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 use sluice_config::{FailMode, PluginConfig, PolicyConfig};
 use sluice_policy::testing::plugin_path;
 use sluice_policy::{
-    simulate, ClassPressure, ClientFacts, ConnectDecision, Hook, PolicyEngine, PoolSnapshot,
-    PressureFacts, SqlState, StatementKind, TransactionDecision, TransactionFacts,
+    simulate, ClassPressure, ClientFacts, ConnectDecision, Cookies, Hook, PolicyEngine,
+    PoolSnapshot, PressureFacts, SqlState, StatementKind, TransactionDecision, TransactionFacts,
 };
 
 fn classes() -> Vec<String> {
@@ -62,7 +62,7 @@ fn client<'a>(user: &'a str, app: &'a str) -> ClientFacts<'a> {
 }
 
 fn tx<'a>(
-    cookies: &'a [u64],
+    cookies: &'a Cookies,
     class: &'a str,
     query: &'a str,
     pool: PoolSnapshot,
@@ -76,6 +76,9 @@ fn tx<'a>(
         pool,
     }
 }
+
+/// The cookies of a client no plugin admitted: every plugin sees cookie 0.
+static NO_COOKIES: Cookies = Cookies::EMPTY;
 
 fn admit(d: ConnectDecision) -> sluice_policy::Admission {
     match d {
@@ -142,7 +145,7 @@ fn priority_assigns_class_and_priority() {
         })
     );
     let actions = e.on_pressure(&PressureFacts {
-        pool: "db/app".into(),
+        pool: "db.app".into(),
         size: 10,
         active: 10,
         idle: 0,
@@ -260,18 +263,18 @@ fn shed_rejects_batch_when_saturated_and_lowers_limits() {
         idle: 7,
         waiting: 0,
     };
-    let r = reject_tx(e.on_transaction(&tx(&[], "batch", "select 1", busy)));
+    let r = reject_tx(e.on_transaction(&tx(&NO_COOKIES, "batch", "select 1", busy)));
     assert_eq!(r.sqlstate.as_str(), "53300");
     assert!(matches!(
-        e.on_transaction(&tx(&[], "batch", "select 1", calm)),
+        e.on_transaction(&tx(&NO_COOKIES, "batch", "select 1", calm)),
         TransactionDecision::Proceed(_)
     ));
     assert!(matches!(
-        e.on_transaction(&tx(&[], "web", "select 1", busy)),
+        e.on_transaction(&tx(&NO_COOKIES, "web", "select 1", busy)),
         TransactionDecision::Proceed(_)
     ));
     let pressure = |oldest, max_active| PressureFacts {
-        pool: "db/app".into(),
+        pool: "db.app".into(),
         size: 10,
         active: 10,
         idle: 0,
@@ -302,7 +305,12 @@ fn spin_times_out_fail_open_and_closed() {
     cfg.deadline = Duration::from_millis(1);
     let open = PolicyEngine::new(&cfg, &classes()).expect("load");
     let start = Instant::now();
-    let d = open.on_transaction(&tx(&[0], "default", "select 1", PoolSnapshot::default()));
+    let d = open.on_transaction(&tx(
+        &NO_COOKIES,
+        "default",
+        "select 1",
+        PoolSnapshot::default(),
+    ));
     let took = start.elapsed();
     assert!(
         matches!(d, TransactionDecision::Proceed(_)),
@@ -315,8 +323,12 @@ fn spin_times_out_fail_open_and_closed() {
 
     cfg.plugins = vec![cfgs[1].clone()];
     let closed = PolicyEngine::new(&cfg, &classes()).expect("load");
-    let r =
-        reject_tx(closed.on_transaction(&tx(&[0], "default", "select 1", PoolSnapshot::default())));
+    let r = reject_tx(closed.on_transaction(&tx(
+        &NO_COOKIES,
+        "default",
+        "select 1",
+        PoolSnapshot::default(),
+    )));
     assert_eq!(r.sqlstate.as_str(), "58000");
     assert_eq!(
         r.message,
@@ -347,7 +359,12 @@ fn spin_is_cut_off_after_the_epoch_ticker_went_to_sleep() {
     }
     // The next call wakes it, so a runaway plugin still meets its deadline.
     let start = Instant::now();
-    let r = reject_tx(e.on_transaction(&tx(&[0], "default", "select 1", PoolSnapshot::default())));
+    let r = reject_tx(e.on_transaction(&tx(
+        &NO_COOKIES,
+        "default",
+        "select 1",
+        PoolSnapshot::default(),
+    )));
     assert_eq!(
         r.message,
         "policy plugin \"spin\" failed: deadline exceeded"
@@ -367,7 +384,12 @@ fn membomb_hits_memory_limit() {
         FailMode::Closed,
         "",
     )]);
-    let r = reject_tx(e.on_transaction(&tx(&[0], "default", "select 1", PoolSnapshot::default())));
+    let r = reject_tx(e.on_transaction(&tx(
+        &NO_COOKIES,
+        "default",
+        "select 1",
+        PoolSnapshot::default(),
+    )));
     assert_eq!(
         r.message,
         "policy plugin \"membomb\" failed: memory limit exceeded"
@@ -401,7 +423,8 @@ fn trap_in_on_connect() {
         FailMode::Open,
         "",
     )]);
-    assert_eq!(admit(open.on_connect(&client("a", "b"))).cookies, vec![0]);
+    // A plugin whose on-connect failed (open) did not admit the client: no cookie of its own.
+    assert!(admit(open.on_connect(&client("a", "b"))).cookies.is_empty());
     assert_eq!(open.stats()[0].traps, 1);
 }
 
@@ -421,7 +444,12 @@ fn bad_decisions_are_invalid() {
         "{}",
         r.message
     );
-    let r = reject_tx(e.on_transaction(&tx(&[0], "default", "select 1", PoolSnapshot::default())));
+    let r = reject_tx(e.on_transaction(&tx(
+        &NO_COOKIES,
+        "default",
+        "select 1",
+        PoolSnapshot::default(),
+    )));
     assert!(r.message.contains("SQLSTATE \"bad\""), "{}", r.message);
     assert_eq!(e.stats()[0].invalid, 2);
 }
@@ -456,9 +484,12 @@ fn breaker_opens_after_failures() {
 
 fn counter_reject_message(e: &PolicyEngine) -> String {
     for _ in 0..3 {
-        if let TransactionDecision::Reject(r) =
-            e.on_transaction(&tx(&[0], "default", "select 1", PoolSnapshot::default()))
-        {
+        if let TransactionDecision::Reject(r) = e.on_transaction(&tx(
+            &NO_COOKIES,
+            "default",
+            "select 1",
+            PoolSnapshot::default(),
+        )) {
             return r.message;
         }
     }
@@ -532,7 +563,12 @@ fn reload_to_another_plugin_applies_new_decisions() {
     )
     .expect("reload");
     assert!(e.wants(Hook::Query) && !e.wants(Hook::Pressure));
-    let r = reject_tx(e.on_transaction(&tx(&[0], "web", "drop table x", PoolSnapshot::default())));
+    let r = reject_tx(e.on_transaction(&tx(
+        &NO_COOKIES,
+        "web",
+        "drop table x",
+        PoolSnapshot::default(),
+    )));
     assert_eq!(r.sqlstate.as_str(), "42501");
 }
 
@@ -561,8 +597,10 @@ fn several_plugins_merge() {
     let a = admit(e.on_connect(&client("reporting", "web")));
     assert_eq!(a.class.as_deref(), Some("web"));
     assert_eq!(a.limit_key.as_deref(), Some("app:web"));
-    assert_eq!(a.cookies.len(), 3);
-    assert_eq!(a.cookies[2], 1);
+    assert_eq!(
+        a.cookies.values().collect::<Vec<_>>(),
+        [1 << 32 | 100, 0, 1]
+    );
     let r = reject_tx(e.on_transaction(&tx(
         &a.cookies,
         "web",
@@ -611,7 +649,7 @@ fn simulate_writes_one_decision_per_event() {
 {"event":"connect","user":"reporting","database":"db","application_name":"bi"}
 {"event":"transaction","client":0,"query":"select 1","in_transaction":false}
 {"event":"transaction","client":1,"query":"drop table t"}
-{"event":"pressure","pool":"db/app","size":10,"active":10,"waiting":3,"classes":[{"name":"batch","waiting":3,"oldest_wait_ms":50}]}
+{"event":"pressure","pool":"db.app","size":10,"active":10,"waiting":3,"classes":[{"name":"batch","waiting":3,"oldest_wait_ms":50}]}
 {"event":"complete","client":0,"duration_us":100,"wait_us":3,"outcome":"committed"}
 {"event":"disconnect","client":0}
 "#;
@@ -657,9 +695,53 @@ fn statement_kind_is_exported() {
 fn empty_engine_admits() {
     let e = PolicyEngine::empty();
     assert!(!e.wants(Hook::Connect));
-    assert_eq!(
-        admit(e.on_connect(&client("a", "b"))).cookies,
-        Vec::<u64>::new()
-    );
+    assert!(admit(e.on_connect(&client("a", "b"))).cookies.is_empty());
     assert!(e.stats().is_empty());
+}
+
+#[test]
+fn raising_memory_limit_past_the_reserved_slot_warns_and_is_capped() {
+    let mut cfg = config(vec![plugin(
+        "priority",
+        plugin_path("priority"),
+        FailMode::Open,
+        PRIORITY,
+    )]);
+    cfg.memory_limit = 8 << 20;
+    let e = PolicyEngine::new(&cfg, &classes()).expect("load");
+    // Up to the 16 MiB slot reserved at start: honoured, no warning.
+    cfg.memory_limit = 16 << 20;
+    assert!(e
+        .reload(&cfg, &classes())
+        .expect("reload")
+        .warnings
+        .is_empty());
+    cfg.memory_limit = 64 << 20;
+    let report = e.reload(&cfg, &classes()).expect("reload");
+    assert_eq!(
+        report.warnings,
+        [
+            "[policy] memory_limit = 67108864 bytes is above the 16777216 bytes reserved per \
+          instance when the first plugin was loaded: plugins stay capped at 16777216 bytes; \
+          raising the limit above that needs a restart"
+        ]
+    );
+    // The plugins still load and decide.
+    assert_eq!(e.generation(), 3);
+    admit(e.on_connect(&client("app", "checkout")));
+}
+
+#[test]
+fn stats_keep_the_name_and_version_from_init() {
+    let e = engine(vec![plugin(
+        "p",
+        plugin_path("priority"),
+        FailMode::Open,
+        PRIORITY,
+    )]);
+    let s = &e.stats()[0];
+    assert_eq!(
+        (s.name.as_str(), s.plugin_name.as_str(), s.version.as_str()),
+        ("p", "priority", "0.1.0")
+    );
 }

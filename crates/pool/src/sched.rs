@@ -143,8 +143,10 @@ pub struct KeyLimit {
 pub struct Ticket {
     /// Index of the class in the scheduler's class list.
     pub class: usize,
-    /// Effective base priority for this request (the class priority unless the policy changed it).
-    pub priority: i32,
+    /// Base priority for this request: `None` is the class's priority at the time of the wait
+    /// (so a reload that changes it applies to clients already logged in); `Some` is the
+    /// policy's choice.
+    pub priority: Option<i32>,
     /// The per-client key limit, if any.
     pub key: Option<KeyLimit>,
 }
@@ -167,9 +169,23 @@ struct ClassState {
     queue: ClassQueue,
     shed_total: u64,
     served_total: u64,
+    /// Gone from the config: no new grants; connections it holds still release against it.
+    retired: bool,
 }
 
 impl ClassState {
+    fn new(spec: ClassSpec) -> Self {
+        ClassState {
+            spec,
+            over: ClassOverride::default(),
+            active: 0,
+            queue: ClassQueue::default(),
+            shed_total: 0,
+            served_total: 0,
+            retired: false,
+        }
+    }
+
     fn max_active(&self) -> Option<u32> {
         self.over.max_active.or(self.spec.max_active)
     }
@@ -238,12 +254,18 @@ pub struct Expired<W> {
     pub class: Arc<str>,
     /// How long it waited.
     pub waited: Duration,
+    /// The budget was the pool's wait timeout (the class sets none): a timeout, not a shed.
+    pub pool_timeout: bool,
 }
 
 /// The scheduler of one pool. `W` is the waiter's payload (a channel sender in the pool).
 #[derive(Debug)]
 pub struct Scheduler<W> {
+    /// Append-only, so the class indexes that sessions, waiters and grants hold stay valid
+    /// across reloads: a class that leaves the config is retired in place.
     classes: Vec<ClassState>,
+    /// Index of the default class, where unknown and retired classes go.
+    default: usize,
     keys: HashMap<Arc<str>, KeyState>,
     waiters: WaiterMap<W>,
     next_id: WaiterId,
@@ -262,17 +284,8 @@ impl<W> Scheduler<W> {
             classes
         };
         Scheduler {
-            classes: classes
-                .into_iter()
-                .map(|spec| ClassState {
-                    spec,
-                    over: ClassOverride::default(),
-                    active: 0,
-                    queue: ClassQueue::default(),
-                    shed_total: 0,
-                    served_total: 0,
-                })
-                .collect(),
+            classes: classes.into_iter().map(ClassState::new).collect(),
+            default: 0,
             keys: HashMap::new(),
             waiters: WaiterMap::default(),
             next_id: 0,
@@ -284,7 +297,12 @@ impl<W> Scheduler<W> {
     }
 
     /// Replaces pool size and class settings (on reload); counts and waiters stay.
-    /// Classes are matched by name; waiters of a class that disappeared move to class 0.
+    ///
+    /// Classes are matched by name and keep their index; new ones are appended. A class gone
+    /// from `classes` is retired: its waiters move to the default class (the first of
+    /// `classes`), and the connections it holds release against it. A class that comes back
+    /// is revived at its old index. Live overrides from `on-pressure` end: the new config is
+    /// the starting point.
     pub fn reconfigure(&mut self, size: u32, classes: Vec<ClassSpec>, aging_per_sec: f64) {
         self.size = size;
         self.aging_per_sec = aging_per_sec;
@@ -293,80 +311,84 @@ impl<W> Scheduler<W> {
         } else {
             classes
         };
-        let mut old: Vec<ClassState> = std::mem::take(&mut self.classes);
-        let mut remap = vec![0usize; old.len()];
-        for spec in classes {
-            let pos = old.iter().position(|c| c.spec.name == spec.name);
-            let state = match pos {
+        self.clear_overrides();
+        let mut present = vec![false; self.classes.len()];
+        for (n, spec) in classes.into_iter().enumerate() {
+            let i = match self.classes.iter().position(|c| c.spec.name == spec.name) {
                 Some(i) => {
-                    let mut s = std::mem::replace(
-                        &mut old[i],
-                        ClassState {
-                            spec: spec.clone(),
-                            over: ClassOverride::default(),
-                            active: 0,
-                            queue: ClassQueue::default(),
-                            shed_total: 0,
-                            served_total: 0,
-                        },
-                    );
-                    remap[i] = self.classes.len();
-                    s.spec = spec;
-                    s
+                    let c = &mut self.classes[i];
+                    c.spec = spec;
+                    c.retired = false;
+                    present[i] = true;
+                    i
                 }
-                None => ClassState {
-                    spec,
-                    over: ClassOverride::default(),
-                    active: 0,
-                    queue: ClassQueue::default(),
-                    shed_total: 0,
-                    served_total: 0,
-                },
+                None => {
+                    self.classes.push(ClassState::new(spec));
+                    self.classes.len() - 1
+                }
             };
-            self.classes.push(state);
-        }
-        // Fold classes that disappeared into class 0, keeping their counts and waiters.
-        for (i, gone) in old.into_iter().enumerate() {
-            let target = remap[i];
-            let t = &mut self.classes[target];
-            t.active += gone.active;
-            for (k, id) in gone.queue.0 {
-                t.queue.insert(k, id);
+            if n == 0 {
+                self.default = i;
             }
         }
-        for w in self.waiters.values_mut() {
-            w.ticket.class = remap.get(w.ticket.class).copied().unwrap_or(0);
+        for (i, keep) in present.into_iter().enumerate() {
+            if keep || i == self.default {
+                continue;
+            }
+            let c = &mut self.classes[i];
+            c.retired = true;
+            let moved = std::mem::take(&mut c.queue);
+            for (order, id) in moved.0 {
+                self.classes[self.default].queue.insert(order, id);
+            }
         }
+        let default = self.default;
+        for w in self.waiters.values_mut() {
+            if self.classes[w.ticket.class].retired {
+                w.ticket.class = default;
+            }
+        }
+    }
+
+    /// The class a ticket for class `i` is served in: `i` itself, or the default class when
+    /// `i` is unknown or retired.
+    pub fn resolve_class(&self, i: usize) -> usize {
+        match self.classes.get(i) {
+            Some(c) if !c.retired => i,
+            _ => self.default,
+        }
+    }
+
+    /// Index of the default class.
+    pub fn default_class(&self) -> usize {
+        self.default
     }
 
     /// Index of a class by name.
     pub fn class_index(&self, name: &str) -> Option<usize> {
-        self.classes.iter().position(|c| &*c.spec.name == name)
+        self.classes
+            .iter()
+            .position(|c| !c.retired && &*c.spec.name == name)
     }
 
-    /// Number of classes.
+    /// Number of class indexes ever used, retired classes included.
     pub fn class_count(&self) -> usize {
         self.classes.len()
     }
 
-    /// Name of class `i` (class 0 when out of range).
+    /// Name of the class a ticket for class `i` is served in.
     pub fn class_name(&self, i: usize) -> Arc<str> {
-        self.classes
-            .get(i)
-            .unwrap_or(&self.classes[0])
-            .spec
-            .name
-            .clone()
+        self.classes[self.resolve_class(i)].spec.name.clone()
     }
 
-    /// Base priority of class `i`.
+    /// Base priority of the class a ticket for class `i` is served in.
     pub fn class_priority(&self, i: usize) -> i32 {
-        self.classes.get(i).map_or(0, |c| c.spec.priority)
+        self.classes[self.resolve_class(i)].spec.priority
     }
 
-    /// Effective wait budget of class `i`.
+    /// Effective wait budget of the class a ticket for class `i` is served in.
     pub fn class_max_wait(&self, i: usize) -> Option<Duration> {
-        self.classes.get(i).and_then(|c| c.max_wait())
+        self.classes[self.resolve_class(i)].max_wait()
     }
 
     /// Applies a live change to class `i`: each limit `over` sets replaces the current one;
@@ -401,20 +423,12 @@ impl<W> Scheduler<W> {
         self.waiters.len() as u32
     }
 
-    fn clamp_class(&self, i: usize) -> usize {
-        if i < self.classes.len() {
-            i
-        } else {
-            0
-        }
-    }
-
     fn reserved_ok(&self, class: usize) -> bool {
         let held_back: u32 = self
             .classes
             .iter()
             .enumerate()
-            .filter(|(i, _)| *i != class)
+            .filter(|(i, c)| *i != class && !c.retired)
             .map(|(_, c)| c.spec.reserved.saturating_sub(c.active))
             .sum();
         self.active + 1 + held_back <= self.size
@@ -432,13 +446,13 @@ impl<W> Scheduler<W> {
 
     /// Whether a new request could be granted a connection right now, ignoring waiters.
     pub fn eligible(&self, ticket: &Ticket) -> bool {
-        let class = self.clamp_class(ticket.class);
+        let class = self.resolve_class(ticket.class);
         self.classes[class].under_quota() && self.reserved_ok(class) && self.key_ok(&ticket.key)
     }
 
     /// Accounts a grant made without queueing. The caller checked [`Self::eligible`].
     pub fn grant_now(&mut self, ticket: &Ticket) -> Grant {
-        let class = self.clamp_class(ticket.class);
+        let class = self.resolve_class(ticket.class);
         self.account(class, ticket.key.as_ref())
     }
 
@@ -465,10 +479,13 @@ impl<W> Scheduler<W> {
 
     /// Queues a waiter. It is parked at once if its key is at quota.
     pub fn enqueue(&mut self, mut ticket: Ticket, payload: W, now: Instant) -> WaiterId {
-        ticket.class = self.clamp_class(ticket.class);
+        ticket.class = self.resolve_class(ticket.class);
         let id = self.next_id;
         self.next_id += 1;
-        let order = (self.score(ticket.priority, now), id);
+        let priority = ticket
+            .priority
+            .unwrap_or(self.classes[ticket.class].spec.priority);
+        let order = (self.score(priority, now), id);
         let parked = !self.key_ok(&ticket.key);
         if parked {
             if let Some(k) = &ticket.key {
@@ -613,7 +630,8 @@ impl<W> Scheduler<W> {
             .sum()
     }
 
-    /// Removes every waiter whose class budget (or `fallback` budget) ran out by `now`.
+    /// Removes every waiter whose class budget (or `fallback` budget) ran out by `now`. Only
+    /// class budgets count as sheds.
     pub fn expire(&mut self, now: Instant, fallback: Option<Duration>) -> Vec<Expired<W>> {
         let mut gone = Vec::new();
         let ids: Vec<WaiterId> = self
@@ -629,12 +647,16 @@ impl<W> Scheduler<W> {
             if let Some(w) = self.waiters.get(&id) {
                 let class = w.ticket.class;
                 let waited = now.saturating_duration_since(w.enqueued);
+                let pool_timeout = self.classes[class].max_wait().is_none();
                 if let Some(payload) = self.remove(id) {
-                    self.classes[class].shed_total += 1;
+                    if !pool_timeout {
+                        self.classes[class].shed_total += 1;
+                    }
                     gone.push(Expired {
                         payload,
                         class: self.classes[class].spec.name.clone(),
                         waited,
+                        pool_timeout,
                     });
                 }
             }
@@ -660,7 +682,16 @@ impl<W> Scheduler<W> {
         self.waiters.drain().map(|(_, w)| w.payload).collect()
     }
 
-    /// Per-class stats at `now`.
+    /// Indexes of the classes in the config (not retired), in the order of [`Self::snapshot`].
+    pub fn live_classes(&self) -> impl Iterator<Item = usize> + '_ {
+        self.classes
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| !c.retired)
+            .map(|(i, _)| i)
+    }
+
+    /// Per-class stats at `now`, for the classes in the config.
     pub fn snapshot(&self, now: Instant) -> Vec<ClassSnapshot> {
         let mut oldest = vec![None::<Instant>; self.classes.len()];
         let mut waiting = vec![0u32; self.classes.len()];
@@ -672,6 +703,7 @@ impl<W> Scheduler<W> {
         self.classes
             .iter()
             .enumerate()
+            .filter(|(_, c)| !c.retired)
             .map(|(i, c)| ClassSnapshot {
                 name: c.spec.name.clone(),
                 priority: c.spec.priority,

@@ -16,7 +16,7 @@ fn class(name: &str, priority: i32, max_active: Option<u32>, reserved: u32) -> C
 fn ticket(class: usize, priority: i32) -> Ticket {
     Ticket {
         class,
-        priority,
+        priority: Some(priority),
         key: None,
     }
 }
@@ -24,7 +24,7 @@ fn ticket(class: usize, priority: i32) -> Ticket {
 fn keyed(class: usize, key: &str, max: u32) -> Ticket {
     Ticket {
         class,
-        priority: 0,
+        priority: Some(0),
         key: Some(KeyLimit {
             key: Arc::from(key),
             max_active: max,
@@ -41,6 +41,128 @@ fn higher_priority_goes_first_and_ties_are_fifo() {
     s.enqueue(ticket(0, 0), "low-2", t0);
     let order: Vec<_> = std::iter::from_fn(|| s.pick(t0).map(|(w, _, _)| w)).collect();
     assert_eq!(order, vec!["high", "low-1", "low-2"]);
+}
+
+/// A reload that adds a class sorting before others, and removes one, must not move anyone:
+/// sessions, waiters and grants hold class indexes.
+#[test]
+fn reload_keeps_class_indexes_and_retires_removed_classes() {
+    let t0 = Instant::now();
+    let before = vec![
+        class("default", 0, None, 0),
+        class("batch", 0, Some(1), 0),
+        class("web", 10, Some(5), 1),
+    ];
+    let mut s: Scheduler<&str> = Scheduler::new(4, before, 0.0, t0);
+    let (batch, web) = (1, 2);
+    let held = s.grant_now(&ticket(batch, 0));
+    s.enqueue(
+        Ticket {
+            class: batch,
+            priority: None,
+            key: None,
+        },
+        "batch-waiter",
+        t0,
+    );
+    s.set_override(
+        web,
+        ClassOverride {
+            max_active: Some(1),
+            max_wait: None,
+        },
+    );
+    let after = vec![
+        class("default", 0, None, 0),
+        class("analytics", 5, Some(2), 0),
+        class("web", 20, Some(5), 1),
+    ];
+    s.reconfigure(4, after, 0.0);
+    assert_eq!(s.class_index("web"), Some(web), "web keeps its index");
+    assert_eq!(&*s.class_name(web), "web");
+    assert_eq!(s.class_priority(web), 20, "the new priority applies");
+    assert_eq!(
+        s.class_index("analytics"),
+        Some(3),
+        "a new class is appended"
+    );
+    assert_eq!(s.class_index("batch"), None, "batch is gone");
+    assert_eq!(
+        &*s.class_name(batch),
+        "default",
+        "its tickets go to the default class"
+    );
+    let snap = s.snapshot(t0);
+    let names: Vec<_> = snap.iter().map(|c| c.name.to_string()).collect();
+    assert_eq!(names, ["default", "web", "analytics"]);
+    assert_eq!(
+        snap[1].max_active,
+        Some(5),
+        "the reload ended the pressure override"
+    );
+    s.check_invariants().expect("invariants after reload");
+    // The connection batch held releases against batch, not against whatever took index 1.
+    s.release(&held);
+    s.check_invariants().expect("invariants after release");
+    assert_eq!(s.active(), 0);
+    // Batch's waiter now waits in the default class, where nothing limits it.
+    let (w, g, _) = s.pick(t0).expect("the moved waiter is served");
+    assert_eq!((w, g.class), ("batch-waiter", 0));
+    // A class that comes back is revived at its old index.
+    s.reconfigure(
+        4,
+        vec![class("default", 0, None, 0), class("batch", 1, None, 0)],
+        0.0,
+    );
+    assert_eq!(s.class_index("batch"), Some(batch));
+    assert_eq!(s.class_index("web"), None);
+    s.release(&g);
+    s.check_invariants().expect("invariants after revival");
+}
+
+/// Tickets without a priority of their own take their class's priority when they queue, as it
+/// is configured at that moment; waiters already queued keep their place.
+#[test]
+fn waiters_without_a_priority_use_the_class_priority_of_the_moment() {
+    let t0 = Instant::now();
+    let classes = vec![class("a", 0, None, 0), class("b", 5, None, 0)];
+    let mut s: Scheduler<&str> = Scheduler::new(3, classes, 0.0, t0);
+    let none = |class| Ticket {
+        class,
+        priority: None,
+        key: None,
+    };
+    s.enqueue(none(0), "a-1", t0);
+    s.enqueue(none(1), "b-1", t0);
+    let (first, g, _) = s.pick(t0).expect("a grant");
+    assert_eq!(first, "b-1");
+    s.release(&g);
+    s.reconfigure(3, vec![class("a", 9, None, 0), class("b", 5, None, 0)], 0.0);
+    s.enqueue(none(1), "b-2", t0);
+    s.enqueue(none(0), "a-2", t0);
+    let order: Vec<_> = std::iter::from_fn(|| s.pick(t0).map(|(w, _, _)| w)).collect();
+    // a-1 keeps the place it queued with (priority 0); a-2 queued at the new 9.
+    assert_eq!(order, ["a-2", "b-2", "a-1"]);
+}
+
+/// The sweep expires waiters against their class budget, else the pool's; only the first is a
+/// shed (`sluice_class_shed_total`), the second is a query_wait_timeout.
+#[test]
+fn expiry_by_pool_timeout_is_not_a_shed() {
+    let t0 = Instant::now();
+    let mut limited = class("batch", 0, None, 0);
+    limited.max_wait = Some(Duration::from_millis(10));
+    let classes = vec![class("web", 0, None, 0), limited];
+    let mut s: Scheduler<&str> = Scheduler::new(0, classes, 0.0, t0);
+    s.enqueue(ticket(0, 0), "web", t0);
+    s.enqueue(ticket(1, 0), "batch", t0);
+    let later = t0 + Duration::from_millis(50);
+    let mut gone = s.expire(later, Some(Duration::from_millis(20)));
+    gone.sort_by_key(|e| e.payload);
+    let got: Vec<_> = gone.iter().map(|e| (e.payload, e.pool_timeout)).collect();
+    assert_eq!(got, [("batch", false), ("web", true)]);
+    let shed: Vec<_> = s.snapshot(later).iter().map(|c| c.shed_total).collect();
+    assert_eq!(shed, [0, 1]);
 }
 
 #[test]
@@ -213,7 +335,7 @@ proptest! {
             let now = t0 + Duration::from_millis(clock);
             match op {
                 Op::Arrive { class, prio, key } => {
-                    let t = Ticket { class, priority: prio, key: key.map(|k| KeyLimit { key: Arc::from(format!("k{k}")), max_active: 1 }) };
+                    let t = Ticket { class, priority: Some(prio), key: key.map(|k| KeyLimit { key: Arc::from(format!("k{k}")), max_active: 1 }) };
                     // Like the pool: take a free connection at once when eligible, else queue.
                     if (s.active() as usize) < size as usize && s.eligible(&t) && s.waiting() == 0 {
                         grants.push(s.grant_now(&t));

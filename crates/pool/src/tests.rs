@@ -93,7 +93,7 @@ fn class(name: &str, priority: i32, max_active: Option<u32>, max_wait: Option<u6
 fn t(class: usize, priority: i32) -> Ticket {
     Ticket {
         class,
-        priority,
+        priority: Some(priority),
         key: None,
     }
 }
@@ -198,7 +198,7 @@ async fn key_quota_holds_under_concurrency() {
             for _ in 0..30 {
                 let ticket = Ticket {
                     class: 0,
-                    priority: 0,
+                    priority: Some(0),
                     key: Some(KeyLimit {
                         key: Arc::from("10.1.1.1"),
                         max_active: 2,

@@ -14,8 +14,12 @@ use sluice_wire::{ErrorFields, SqlState};
 
 use crate::clients::ClientState;
 use crate::io::ClientIo;
+use crate::pools::PoolEntry;
 use crate::shared::Shared;
 use crate::ShutdownMode;
+
+/// SQLSTATE of a command naming something that does not exist (a client id, a database).
+const UNDEFINED_OBJECT: SqlState = SqlState::new(b"42704");
 
 /// An admin console session.
 pub struct Admin {
@@ -143,6 +147,8 @@ impl Admin {
             .map(|w| w.to_ascii_lowercase())
             .collect();
         let words: Vec<&str> = words.iter().map(String::as_str).collect();
+        // The database argument of PAUSE / RESUME / RECONNECT as typed (for messages).
+        let db_arg = cleaned.split_whitespace().nth(1);
         let err = |out: &mut BytesMut, code: SqlState, msg: String| {
             backend::encode_error(out, &ErrorFields::error(code, msg));
         };
@@ -161,38 +167,44 @@ impl Admin {
                 SqlState::INSUFFICIENT_PRIVILEGE,
                 format!("\"{}\" may only run SHOW commands", self.user),
             ),
-            ["pause", rest @ ..] => {
-                let pools = self.pools(rest.first().copied());
-                for p in &pools {
-                    p.pool.pause();
+            ["pause"] | ["pause", _] => match self.pools(db_arg) {
+                Ok(pools) => {
+                    for p in &pools {
+                        p.pool.pause();
+                    }
+                    for p in &pools {
+                        p.pool.wait_idle().await;
+                    }
+                    info!(admin = %self.user, target = ?db_arg, "PAUSE");
+                    backend::encode_command_complete(out, "PAUSE");
                 }
-                for p in &pools {
-                    p.pool.wait_idle().await;
+                Err(e) => backend::encode_error(out, &e),
+            },
+            ["resume"] | ["resume", _] => match self.pools(db_arg) {
+                Ok(pools) => {
+                    for p in pools {
+                        p.pool.resume();
+                    }
+                    info!(admin = %self.user, target = ?db_arg, "RESUME");
+                    backend::encode_command_complete(out, "RESUME");
                 }
-                info!(admin = %self.user, target = ?rest.first(), "PAUSE");
-                backend::encode_command_complete(out, "PAUSE");
-            }
-            ["resume", rest @ ..] => {
-                for p in self.pools(rest.first().copied()) {
-                    p.pool.resume();
+                Err(e) => backend::encode_error(out, &e),
+            },
+            ["reconnect"] | ["reconnect", _] => match self.pools(db_arg) {
+                Ok(pools) => {
+                    for p in pools {
+                        p.pool.reconnect();
+                    }
+                    info!(admin = %self.user, target = ?db_arg, "RECONNECT");
+                    backend::encode_command_complete(out, "RECONNECT");
                 }
-                backend::encode_command_complete(out, "RESUME");
-            }
-            ["reconnect", rest @ ..] => {
-                for p in self.pools(rest.first().copied()) {
-                    p.pool.reconnect();
-                }
-                backend::encode_command_complete(out, "RECONNECT");
-            }
+                Err(e) => backend::encode_error(out, &e),
+            },
             ["kill_client", id] => match id.parse::<u64>() {
                 Ok(id) if self.shared.clients.kill(id) => {
                     backend::encode_command_complete(out, "KILL_CLIENT")
                 }
-                _ => err(
-                    out,
-                    SqlState::new(b"42704"),
-                    format!("no client with id {id}"),
-                ),
+                _ => err(out, UNDEFINED_OBJECT, format!("no client with id {id}")),
             },
             ["reload"] => match crate::reload_from_disk(&self.shared).await {
                 Ok(()) => backend::encode_command_complete(out, "RELOAD"),
@@ -216,13 +228,33 @@ impl Admin {
         false
     }
 
-    fn pools(&self, db: Option<&str>) -> Vec<Arc<crate::pools::PoolEntry>> {
-        self.shared
+    /// The pools of database `db` (every pool when `None`). A database that is neither
+    /// configured nor has a pool is an error, as in PgBouncer ("no such database").
+    fn pools(&self, db: Option<&str>) -> Result<Vec<Arc<PoolEntry>>, ErrorFields> {
+        let pools: Vec<_> = self
+            .shared
             .pools
             .all()
             .into_iter()
             .filter(|p| db.is_none_or(|d| p.db.eq_ignore_ascii_case(d)))
-            .collect()
+            .collect();
+        match db {
+            Some(d)
+                if pools.is_empty()
+                    && !self
+                        .shared
+                        .config()
+                        .databases
+                        .keys()
+                        .any(|k| k.eq_ignore_ascii_case(d)) =>
+            {
+                Err(ErrorFields::error(
+                    UNDEFINED_OBJECT,
+                    format!("no such database: {d}"),
+                ))
+            }
+            _ => Ok(pools),
+        }
     }
 
     fn show(&self, what: &str) -> Option<Table> {
@@ -277,7 +309,7 @@ impl Admin {
                         mw.subsec_micros().to_string(),
                         "transaction".into(),
                         s.size.to_string(),
-                        s.paused.to_string(),
+                        u8::from(s.paused).to_string(),
                     ]);
                 }
                 t
@@ -445,7 +477,7 @@ impl Admin {
                         "transaction".into(),
                         cfg.auth_type(name).as_str().into(),
                         u.pool_size.map_or(String::new(), |p| p.to_string()),
-                        u.class.clone().unwrap_or_default(),
+                        cfg.user_class(name).name.clone(),
                     ]);
                 }
                 t
@@ -534,6 +566,8 @@ impl Admin {
             "policies" => {
                 let mut t = Table::new(&[
                     "name",
+                    "plugin_name",
+                    "version",
                     "generation",
                     "digest",
                     "loaded_at",
@@ -555,6 +589,8 @@ impl Admin {
                         .join(",");
                     t.row(vec![
                         p.name,
+                        p.plugin_name,
+                        p.version,
                         p.generation.to_string(),
                         p.digest,
                         unix_secs(p.loaded_at).to_string(),
@@ -562,7 +598,7 @@ impl Admin {
                         p.traps.to_string(),
                         p.timeouts.to_string(),
                         p.invalid.to_string(),
-                        p.breaker_open.to_string(),
+                        u8::from(p.breaker_open).to_string(),
                         decisions,
                         (p.call_ns_total / calls.max(1)).to_string(),
                     ]);

@@ -285,6 +285,11 @@ pub async fn apply_config(shared: &Arc<Shared>, cfg: Config) -> Result<(), Strin
     shared.set_config(cfg);
     shared.reloads_ok.fetch_add(1, Ordering::Relaxed);
     info!("configuration reloaded");
+    if let Some(hook) = shared.reload_hook() {
+        let cfg = shared.config();
+        // A hook may block (stopping a watcher thread joins it).
+        let _ = tokio::task::spawn_blocking(move || hook(&cfg)).await;
+    }
     Ok(())
 }
 
@@ -397,9 +402,10 @@ fn dispatch(
     peer: Option<SocketAddr>,
     permits: &Arc<Semaphore>,
 ) {
-    shared.stats.accepted.fetch_add(1, Ordering::Relaxed);
     match permits.clone().try_acquire_owned() {
         Ok(permit) => {
+            // Counted here, so accepted and refused connections add up to all that arrived.
+            shared.stats.accepted.fetch_add(1, Ordering::Relaxed);
             let s = shared.clone();
             // Boxed, so the task itself stays small: tokio moves a task's future by value
             // between its stages, and a session's is several kilobytes.
@@ -410,13 +416,16 @@ fn dispatch(
         }
         Err(_) => {
             shared.stats.refused.fetch_add(1, Ordering::Relaxed);
-            let max = shared.config().sluice.max_client_conn;
+            let cfg = shared.config();
+            let msg = format!(
+                "no more connections allowed (max_client_conn = {})",
+                cfg.sluice.max_client_conn
+            );
+            if cfg.sluice.log_pooler_errors {
+                warn!(peer = %session::Peer(peer), code = SqlState::TOO_MANY_CONNECTIONS.as_str(), "connection refused: {msg}");
+            }
             shared.tracker.spawn(async move {
-                refuse(
-                    stream,
-                    &format!("no more connections allowed (max_client_conn = {max})"),
-                )
-                .await;
+                refuse(stream, &msg).await;
             });
         }
     }
@@ -426,6 +435,7 @@ async fn maintenance(shared: Arc<Shared>) {
     let mut tick = tick::Ticker::new(Duration::from_millis(100));
     let mut n: u64 = 0;
     let mut last_stats = std::time::Instant::now();
+    let mut last_pressure = last_stats;
     loop {
         tokio::select! {
             () = tick.tick() => {}
@@ -441,7 +451,11 @@ async fn maintenance(shared: Arc<Shared>) {
         if n.is_multiple_of(600) {
             shared.registry.collect_garbage();
         }
-        metrics::pressure_tick(&shared);
+        // On the tick: a pressure_interval under the tick's 100 ms acts as 100 ms.
+        if last_pressure.elapsed() >= shared.config().policy.pressure_interval {
+            last_pressure = std::time::Instant::now();
+            metrics::pressure_tick(&shared);
+        }
         if let Some(period) = shared.config().sluice.stats_period {
             if last_stats.elapsed() >= period {
                 last_stats = std::time::Instant::now();

@@ -11,8 +11,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tracing::debug;
 
-use sluice_policy::{ClassPressure, Hook, PressureFacts};
-use sluice_pool::{ClassOverride, WAIT_BUCKETS};
+use sluice_policy::{ClassPressure, Hook, PluginStats, PressureFacts};
+use sluice_pool::{ClassOverride, ClassSnapshot, PoolStats, WAIT_BUCKETS};
 
 use crate::clients::ClientState;
 use crate::shared::Shared;
@@ -66,7 +66,36 @@ fn esc(s: &str) -> String {
         .replace('\n', "\\n")
 }
 
-/// Renders every metric in Prometheus text format.
+/// Writes the `# HELP` and `# TYPE` lines of one metric family; its samples must follow at once.
+fn header(o: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
+}
+
+/// One per-(pool, class) metric family.
+fn class_family(
+    o: &mut String,
+    stats: &[PoolStats],
+    name: &str,
+    kind: &str,
+    help: &str,
+    value: fn(&ClassSnapshot) -> u64,
+) {
+    header(o, name, kind, help);
+    for ps in stats {
+        for c in &ps.classes {
+            let _ = writeln!(
+                o,
+                "{name}{{pool=\"{}\",class=\"{}\"}} {}",
+                esc(&ps.name),
+                esc(&c.name),
+                value(c)
+            );
+        }
+    }
+}
+
+/// Renders every metric in Prometheus text format: each family is its HELP and TYPE lines
+/// followed by all of its samples.
 pub fn render(shared: &Shared) -> String {
     let mut o = String::with_capacity(8192);
     let s = &shared.stats;
@@ -187,7 +216,12 @@ pub fn render(shared: &Shared) -> String {
             ps.waiting
         );
     }
-    let _ = writeln!(o, "# HELP sluice_server_connects_total Server connections opened.\n# TYPE sluice_server_connects_total counter");
+    header(
+        &mut o,
+        "sluice_server_connects_total",
+        "counter",
+        "Server connections opened.",
+    );
     for ps in &stats {
         let _ = writeln!(
             o,
@@ -195,6 +229,14 @@ pub fn render(shared: &Shared) -> String {
             esc(&ps.name),
             ps.connects
         );
+    }
+    header(
+        &mut o,
+        "sluice_server_connect_errors_total",
+        "counter",
+        "Server connections or logins that failed.",
+    );
+    for ps in &stats {
         let _ = writeln!(
             o,
             "sluice_server_connect_errors_total{{pool=\"{}\"}} {}",
@@ -202,32 +244,30 @@ pub fn render(shared: &Shared) -> String {
             ps.connect_errors
         );
     }
-    let _ = writeln!(o, "# HELP sluice_class_active Server connections held per class.\n# TYPE sluice_class_active gauge");
-    for ps in &stats {
-        for c in &ps.classes {
-            let _ = writeln!(
-                o,
-                "sluice_class_active{{pool=\"{}\",class=\"{}\"}} {}",
-                esc(&ps.name),
-                esc(&c.name),
-                c.active
-            );
-            let _ = writeln!(
-                o,
-                "sluice_class_waiting{{pool=\"{}\",class=\"{}\"}} {}",
-                esc(&ps.name),
-                esc(&c.name),
-                c.waiting
-            );
-            let _ = writeln!(
-                o,
-                "sluice_class_shed_total{{pool=\"{}\",class=\"{}\"}} {}",
-                esc(&ps.name),
-                esc(&c.name),
-                c.shed_total
-            );
-        }
-    }
+    class_family(
+        &mut o,
+        &stats,
+        "sluice_class_active",
+        "gauge",
+        "Server connections held per class.",
+        |c| u64::from(c.active),
+    );
+    class_family(
+        &mut o,
+        &stats,
+        "sluice_class_waiting",
+        "gauge",
+        "Transactions of a class waiting for a server connection.",
+        |c| u64::from(c.waiting),
+    );
+    class_family(
+        &mut o,
+        &stats,
+        "sluice_class_shed_total",
+        "counter",
+        "Waiters of a class shed (class max_wait exceeded).",
+        |c| c.shed_total,
+    );
     let _ = writeln!(o, "# HELP sluice_queue_wait_seconds Time waited for a server connection, by class.\n# TYPE sluice_queue_wait_seconds histogram");
     for ps in &stats {
         for (c, h) in ps.classes.iter().zip(&ps.waits) {
@@ -274,36 +314,74 @@ pub fn render(shared: &Shared) -> String {
             );
         }
     }
-    let _ = writeln!(o, "# HELP sluice_policy_call_seconds_total Time spent in policy calls.\n# TYPE sluice_policy_call_seconds_total counter");
+    header(
+        &mut o,
+        "sluice_policy_call_seconds_total",
+        "counter",
+        "Time spent in policy calls.",
+    );
     for p in &plugins {
-        let n = esc(&p.name);
         let _ = writeln!(
             o,
-            "sluice_policy_call_seconds_total{{plugin=\"{n}\"}} {}",
+            "sluice_policy_call_seconds_total{{plugin=\"{}\"}} {}",
+            esc(&p.name),
             p.call_ns_total as f64 / 1e9
         );
-        let _ = writeln!(o, "sluice_policy_traps_total{{plugin=\"{n}\"}} {}", p.traps);
+    }
+    for (name, kind, help, value) in [
+        (
+            "sluice_policy_traps_total",
+            "counter",
+            "Plugin traps (crashes).",
+            (|p| p.traps) as fn(&PluginStats) -> u64,
+        ),
+        (
+            "sluice_policy_timeouts_total",
+            "counter",
+            "Policy calls interrupted by the deadline.",
+            |p| p.timeouts,
+        ),
+        (
+            "sluice_policy_invalid_decisions_total",
+            "counter",
+            "Plugin decisions Sluice could not accept.",
+            |p| p.invalid,
+        ),
+        (
+            "sluice_policy_breaker_open",
+            "gauge",
+            "1 while the plugin's circuit breaker is open.",
+            |p| u64::from(p.breaker_open),
+        ),
+    ] {
+        header(&mut o, name, kind, help);
+        for p in &plugins {
+            let _ = writeln!(o, "{name}{{plugin=\"{}\"}} {}", esc(&p.name), value(p));
+        }
+    }
+    header(
+        &mut o,
+        "sluice_policy_generation",
+        "gauge",
+        "Plugin load generation; digest is the sha256 of the loaded file.",
+    );
+    for p in &plugins {
         let _ = writeln!(
             o,
-            "sluice_policy_timeouts_total{{plugin=\"{n}\"}} {}",
-            p.timeouts
-        );
-        let _ = writeln!(
-            o,
-            "sluice_policy_invalid_decisions_total{{plugin=\"{n}\"}} {}",
-            p.invalid
-        );
-        let _ = writeln!(
-            o,
-            "sluice_policy_breaker_open{{plugin=\"{n}\"}} {}",
-            u8::from(p.breaker_open)
-        );
-        let _ = writeln!(
-            o,
-            "sluice_policy_generation{{plugin=\"{n}\",digest=\"{}\"}} {}",
+            "sluice_policy_generation{{plugin=\"{}\",digest=\"{}\"}} {}",
+            esc(&p.name),
             esc(&p.digest),
             p.generation
         );
+    }
+    header(
+        &mut o,
+        "sluice_policy_decisions_total",
+        "counter",
+        "Policy decisions by outcome.",
+    );
+    for p in &plugins {
+        let n = esc(&p.name);
         for (d, v) in &p.decisions {
             let _ = writeln!(
                 o,

@@ -166,6 +166,7 @@ impl PoolSet {
             credential,
             connect_timeout: cfg.sluice.server_connect_timeout,
             max_prepared: cfg.sluice.max_prepared_statements.max(1) as usize,
+            keepalive: cfg.sluice.tcp_keepalive,
         })
     }
 

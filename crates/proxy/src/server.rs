@@ -164,6 +164,8 @@ pub struct ServerSpec {
     pub connect_timeout: Duration,
     /// Capacity of each connection's prepared-statement cache.
     pub max_prepared: usize,
+    /// TCP keepalive on the connection (`tcp_keepalive`).
+    pub keepalive: bool,
 }
 
 /// One server connection and what Sluice knows of its session state.
@@ -426,6 +428,9 @@ async fn login(spec: &ServerSpec) -> Result<ServerConn, ServerError> {
         message: e.to_string(),
     };
     let mut stream = spec.addr.connect().await.map_err(io)?;
+    if let (true, Stream::Tcp(s)) = (spec.keepalive, &stream) {
+        socket2::SockRef::from(s).set_keepalive(true).map_err(io)?;
+    }
     let mut out = BytesMut::with_capacity(256);
     StartupPacket::Startup {
         version: ProtocolVersion { major: 3, minor: 0 },

@@ -54,7 +54,12 @@ pub struct Shared {
     pub reloads_failed: AtomicU64,
     /// One permit per client connection (`max_client_conn`), resized on reload.
     pub client_permits: Arc<tokio::sync::Semaphore>,
+    /// Called with the new config after every successful reload, whatever triggered it.
+    reload_hook: parking_lot::Mutex<Option<ReloadHook>>,
 }
+
+/// See [`Shared::on_reload`].
+pub type ReloadHook = Arc<dyn Fn(&Config) + Send + Sync>;
 
 impl Shared {
     /// Builds the shared state.
@@ -82,7 +87,18 @@ impl Shared {
             started: Instant::now(),
             reloads_ok: AtomicU64::new(0),
             reloads_failed: AtomicU64::new(0),
+            reload_hook: parking_lot::Mutex::new(None),
         }
+    }
+
+    /// Registers `hook`, run (on a blocking thread) after every successful reload, from SIGHUP
+    /// and the admin console's RELOAD alike: the binary restarts its plugin watcher there.
+    pub fn on_reload(&self, hook: impl Fn(&Config) + Send + Sync + 'static) {
+        *self.reload_hook.lock() = Some(Arc::new(hook));
+    }
+
+    pub(crate) fn reload_hook(&self) -> Option<ReloadHook> {
+        self.reload_hook.lock().clone()
     }
 
     /// The current config.

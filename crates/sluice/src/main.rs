@@ -145,7 +145,23 @@ async fn serve(cfg: Config, policy: Arc<PolicyEngine>) -> anyhow::Result<ExitCod
     let running = Proxy::start(cfg, policy.clone())
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let mut watcher = watch.map(|(p, c)| policy.spawn_watcher(p, c));
+    // The plugin watcher follows the config: every reload (SIGHUP or the admin console's
+    // RELOAD) replaces it with one for the new `[policy]` settings, or stops it.
+    let watcher = Arc::new(parking_lot::Mutex::new(
+        watch.map(|(p, c)| policy.spawn_watcher(p, c)),
+    ));
+    {
+        let policy = policy.clone();
+        running.shared().on_reload(move |cfg| {
+            let mut slot = watcher.lock();
+            if let Some(old) = slot.take() {
+                old.stop();
+            }
+            if cfg.policy.watch {
+                *slot = Some(policy.spawn_watcher(cfg.policy.clone(), class_names(cfg)));
+            }
+        });
+    }
     let mut hup = signal(SignalKind::hangup())?;
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -154,18 +170,8 @@ async fn serve(cfg: Config, policy: Arc<PolicyEngine>) -> anyhow::Result<ExitCod
         tokio::select! {
             _ = hup.recv() => {
                 info!("SIGHUP: reloading configuration");
-                match sluice_proxy::reload_from_disk(&shared).await {
-                    Ok(()) => {
-                        // Watch the plugin files of the new config, not the old one.
-                        let cfg = shared.config();
-                        if let Some(w) = watcher.take() {
-                            w.stop();
-                        }
-                        if cfg.policy.watch {
-                            watcher = Some(policy.spawn_watcher(cfg.policy.clone(), class_names(&cfg)));
-                        }
-                    }
-                    Err(e) => warn!(error = %e, "reload failed"),
+                if let Err(e) = sluice_proxy::reload_from_disk(&shared).await {
+                    warn!(error = %e, "reload failed");
                 }
             }
             _ = term.recv() => {

@@ -505,3 +505,10 @@ fn no_input_panics() {
         assert!(Config::parse(odd, None).is_err(), "{odd}");
     }
 }
+
+#[test]
+fn zero_prepared_statements_is_refused_with_the_reason() {
+    let e = parse_err("[sluice]\nmax_prepared_statements = 0").to_string();
+    assert!(e.contains("sluice.max_prepared_statements"), "{e}");
+    assert!(e.contains("at least 1"), "{e}");
+}

@@ -37,7 +37,9 @@ impl<K: Connector> Waiting<K> {
     ) -> Answer<K::Conn, K::Error> {
         let mut st = self.pool.state.lock();
         if st.sched.remove(self.id).is_some() {
-            st.sched.count_shed(class);
+            if !pool_timeout {
+                st.sched.count_shed(class);
+            }
             let pool = st.settings.name.clone();
             let class = st.sched.class_name(class);
             self.rx = None;

@@ -215,9 +215,9 @@ impl<K: Connector> Pool<K> {
         self.inner.state.lock().sched.class_index(name)
     }
 
-    /// Base priority of a class.
-    pub fn class_priority(&self, class: usize) -> i32 {
-        self.inner.state.lock().sched.class_priority(class)
+    /// Index of the class clients go to when theirs is unknown.
+    pub fn default_class(&self) -> usize {
+        self.inner.state.lock().sched.default_class()
     }
 
     /// Takes a connection, waiting in the scheduler's queue if none is free. The wait is bounded
@@ -307,7 +307,7 @@ impl<K: Connector> Pool<K> {
                 return Err(CheckoutError::Connect(err));
             }
             let (tx, rx) = oneshot::channel();
-            let class = ticket.class.min(st.sched.class_count().saturating_sub(1));
+            let class = st.sched.resolve_class(ticket.class);
             let class_wait = st.sched.class_max_wait(class);
             let (budget, timeout_kind) = match class_wait {
                 Some(w) => (Some(w), false),
@@ -380,7 +380,19 @@ impl<K: Connector> Pool<K> {
             let name = st.settings.name.clone();
             let fallback = st.settings.wait_timeout;
             for e in st.sched.expire(now, fallback) {
-                shed.push((e.payload, e.class, e.waited));
+                let err = if e.pool_timeout {
+                    CheckoutError::Timeout {
+                        pool: name.clone(),
+                        waited: e.waited,
+                    }
+                } else {
+                    CheckoutError::Shed {
+                        pool: name.clone(),
+                        class: e.class,
+                        waited: e.waited,
+                    }
+                };
+                shed.push((e.payload, err));
             }
             let min = st.settings.min_size as usize;
             let idle_timeout = st.settings.idle_timeout;
@@ -402,12 +414,8 @@ impl<K: Connector> Pool<K> {
                 }
             }
             st.idle = keep;
-            for (tx, class, waited) in shed {
-                let _ = tx.send(Err(CheckoutError::Shed {
-                    pool: name.clone(),
-                    class,
-                    waited,
-                }));
+            for (tx, err) in shed {
+                let _ = tx.send(Err(err));
             }
             self.inner.fill(&mut st, &mut closing, now);
         }
@@ -488,11 +496,9 @@ impl<K: Connector> Pool<K> {
                 settings.classes.clone(),
                 settings.aging_per_sec,
             );
-            st.waits = settings
-                .classes
-                .iter()
-                .map(|_| Histogram::default())
-                .collect();
+            // Class indexes are stable (new classes are appended): keep every histogram.
+            let classes = st.sched.class_count();
+            st.waits.resize_with(classes, Histogram::default);
             while st.idle.len() as u32 + st.sched.active() > settings.size {
                 match st.idle.pop() {
                     Some(c) => closing.push(c.slot),
@@ -557,7 +563,11 @@ impl<K: Connector> Pool<K> {
             checkouts: st.checkouts,
             connects: st.connects,
             connect_errors: st.connect_errors,
-            waits: st.waits.clone(),
+            waits: st
+                .sched
+                .live_classes()
+                .map(|i| st.waits.get(i).cloned().unwrap_or_default())
+                .collect(),
             classes,
         }
     }

@@ -79,8 +79,7 @@ pub(super) async fn startup(
             SqlState::FEATURE_NOT_SUPPORTED,
             "replication connections are not supported by Sluice in transaction mode",
         );
-        io.send_error(&f).await;
-        return Err(End::Refused(f.message));
+        return Err(refuse(io, &shared.config(), peer, &user, &db, f).await);
     }
     let cfg = shared.config();
     // Authenticate.
@@ -96,13 +95,7 @@ pub(super) async fn startup(
         .map_err(|e| End::Protocol(e.to_string()))?;
     let keys = match outcome {
         AuthOutcome::Ok(keys) => keys,
-        AuthOutcome::Refused(f) => {
-            if cfg.sluice.log_pooler_errors {
-                warn!(peer = %Peer(peer), user = user.as_str(), db = db.as_str(), code = f.code.as_str(), "login refused: {}", f.message);
-            }
-            io.send_error(&f).await;
-            return Err(End::Refused(f.message));
-        }
+        AuthOutcome::Refused(f) => return Err(refuse(io, &cfg, peer, &user, &db, f).await),
     };
     let admin_db = db == "sluice" || db == "pgbouncer";
     if admin_db {
@@ -113,8 +106,7 @@ pub(super) async fn startup(
                 SqlState::INSUFFICIENT_PRIVILEGE,
                 format!("not allowed to connect to the admin console as \"{user}\""),
             );
-            io.send_error(&f).await;
-            return Err(End::Refused(f.message));
+            return Err(refuse(io, &cfg, peer, &user, &db, f).await);
         }
         backend::encode_auth_ok(&mut io.wbuf);
         let admin = crate::admin::Admin::new(
@@ -129,16 +121,14 @@ pub(super) async fn startup(
             SqlState::INVALID_CATALOG_NAME,
             format!("database \"{db}\" does not exist"),
         );
-        io.send_error(&f).await;
-        return Err(End::Refused(f.message));
+        return Err(refuse(io, &cfg, peer, &user, &db, f).await);
     }
     let Some(pool) = shared.pools.get(&cfg, &db, &user) else {
         let f = ErrorFields::fatal(
             SqlState::INVALID_CATALOG_NAME,
             format!("database \"{db}\" does not exist"),
         );
-        io.send_error(&f).await;
-        return Err(End::Refused(f.message));
+        return Err(refuse(io, &cfg, peer, &user, &db, f).await);
     };
     if let Some(k) = keys {
         // Pass-through: the server connections of this role can now log in with the
@@ -156,16 +146,20 @@ pub(super) async fn startup(
         params: &params,
     };
     let decision = shared.policy.on_connect(&facts);
-    let admission = match decision {
+    let mut admission = match decision {
         ConnectDecision::Admit(a) => a,
         ConnectDecision::Reject(r) => {
             let code =
                 SqlState::parse(r.sqlstate.as_str()).unwrap_or(SqlState::INSUFFICIENT_PRIVILEGE);
             let f = ErrorFields::fatal(code, r.message);
-            io.send_error(&f).await;
-            return Err(End::Refused(f.message));
+            return Err(refuse(io, &cfg, peer, &user, &db, f).await);
         }
     };
+    // From here on, however the login ends, the plugins hear of it (on-disconnect).
+    let admitted = Admitted::new(
+        shared.policy.clone(),
+        std::mem::replace(&mut admission.cookies, sluice_policy::Cookies::EMPTY),
+    );
     // Client connection limits.
     let class_name = admission
         .class
@@ -184,22 +178,22 @@ pub(super) async fn startup(
         Ok(c) => c,
         Err(msg) => {
             let f = ErrorFields::fatal(SqlState::TOO_MANY_CONNECTIONS, msg);
-            io.send_error(&f).await;
-            return Err(End::Refused(f.message));
+            return Err(refuse(io, &cfg, peer, &user, &db, f).await);
         }
     };
     let mut client_params = match ClientParams::from_startup(&params) {
         Ok(p) => p,
         Err(msg) => {
             let f = ErrorFields::fatal(SqlState::INVALID_PARAMETER_VALUE, msg);
-            io.send_error(&f).await;
-            return Err(End::Refused(f.message));
+            return Err(refuse(io, &cfg, peer, &user, &db, f).await);
         }
     };
-    let class = pool.pool.class_index(&class_name).unwrap_or(0);
-    let priority = admission
-        .priority
-        .unwrap_or_else(|| pool.pool.class_priority(class));
+    let class = pool
+        .pool
+        .class_index(&class_name)
+        .unwrap_or_else(|| pool.pool.default_class());
+    // Without the policy's choice, each wait takes the class's priority as configured then.
+    let priority = admission.priority;
     let key = admission.limit_key.as_ref().and_then(|k| {
         admission.key_max_active.map(|m| KeyLimit {
             key: Arc::from(k.as_str()),
@@ -237,7 +231,7 @@ pub(super) async fn startup(
         rate: admission
             .key_rate
             .map(|r| (admission.limit_key.clone().unwrap_or_default(), r)),
-        cookies: admission.cookies,
+        admitted,
         class_name,
         _counted: counted,
         relay: None,
@@ -247,9 +241,7 @@ pub(super) async fn startup(
     };
     // Learn the server's parameters and validate the client's own on a real connection.
     if let Err(f) = session.prepare_params(io, &mut client_params).await {
-        io.send_error(&f).await;
-        session.close();
-        return Err(End::Refused(f.message));
+        return Err(refuse(io, &cfg, peer, &user, &db, f).await);
     }
     client_params.intern();
     session.params = client_params;
@@ -260,7 +252,6 @@ pub(super) async fn startup(
         info!(client.id = i.id, peer = %Peer(peer), user = i.user.as_str(), db = i.db.as_str(), app = i.app.as_str(), class = session.class_name.as_str(), "client connected");
     }
     if io.flush().await.is_err() {
-        session.close();
         return Err(End::Client);
     }
     Ok(Some(Login::Client(Box::new(session))))
@@ -383,4 +374,20 @@ pub(super) fn canonical(lower: &str) -> &str {
         "timezone" => "TimeZone",
         other => other,
     }
+}
+
+/// Refuses the login with `f`: sends it, and logs it when `log_pooler_errors` is on.
+async fn refuse(
+    io: &mut ClientIo,
+    cfg: &sluice_config::Config,
+    peer: Option<SocketAddr>,
+    user: &str,
+    db: &str,
+    f: ErrorFields,
+) -> End {
+    if cfg.sluice.log_pooler_errors {
+        warn!(peer = %Peer(peer), user, db, code = f.code.as_str(), "login refused: {}", f.message);
+    }
+    io.send_error(&f).await;
+    End::Refused(f.message)
 }

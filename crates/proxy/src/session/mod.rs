@@ -140,7 +140,7 @@ pub async fn run(shared: Arc<Shared>, stream: Stream, peer: Option<SocketAddr>) 
 }
 
 /// A client's address for the log: `host:port`, or `unix` for a unix socket.
-struct Peer(Option<SocketAddr>);
+pub(crate) struct Peer(pub(crate) Option<SocketAddr>);
 
 impl std::fmt::Display for Peer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -178,7 +178,7 @@ pub struct Session {
     statements: ClientStatements,
     ticket: Ticket,
     rate: Option<(String, sluice_policy::Rate)>,
-    cookies: Vec<u64>,
+    admitted: Admitted,
     class_name: String,
     _counted: Counted,
     /// Relay state and upstream buffer, kept between transactions to reuse their memory.
@@ -218,6 +218,39 @@ impl Settings {
 
 type ServerGuard = Guard<ServerConnector>;
 
+/// A client the policy plugins admitted. `on-disconnect` runs when this is dropped, so it runs
+/// exactly once whatever ends the client: a refusal after admission, a login timeout, a hard
+/// stop, or the end of the session.
+pub(super) struct Admitted {
+    policy: Arc<dyn sluice_policy::Policy>,
+    cookies: sluice_policy::Cookies,
+}
+
+impl Admitted {
+    pub(super) fn new(
+        policy: Arc<dyn sluice_policy::Policy>,
+        cookies: sluice_policy::Cookies,
+    ) -> Self {
+        Admitted { policy, cookies }
+    }
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        if self.policy.wants(Hook::Disconnect) {
+            self.policy.on_disconnect(&self.cookies);
+        }
+    }
+}
+
+/// A session leaves the registries however it ends, including dropped mid-login.
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.shared.cancels.unregister(self.cancel.pid);
+        self.shared.clients.unregister(self.info.id);
+    }
+}
+
 impl Session {
     /// The current settings, re-resolved after a reload.
     fn settings(&mut self) -> &Settings {
@@ -225,14 +258,6 @@ impl Session {
             self.settings = Settings::resolve(&self.shared, &self.info.user);
         }
         &self.settings
-    }
-
-    fn close(&self) {
-        self.shared.cancels.unregister(self.cancel.pid);
-        self.shared.clients.unregister(self.info.id);
-        if self.shared.policy.wants(Hook::Disconnect) {
-            self.shared.policy.on_disconnect(&self.cookies);
-        }
     }
 
     /// A free server connection at once, if the pool has one for this client and no rate
@@ -274,6 +299,8 @@ impl Session {
                 ));
             }
             if !wait.is_zero() {
+                // Waiting for a token is waiting too (SHOW CLIENTS, cl_waiting).
+                self.info.set_state(ClientState::Waiting);
                 tokio::time::sleep(wait).await;
             }
         }
@@ -298,8 +325,14 @@ impl Session {
             }
         };
         let cancelled = self.cancel.cancelled_while_waiting();
+        let info = self.info.clone();
         let result = tokio::select! {
             biased;
+            // KILL_CLIENT ends a waiting client at once, before its statement reaches a server.
+            () = info.kill.flipped() => {
+                self.info.set_state(ClientState::Idle);
+                return Err(ErrorFields::fatal(SqlState::ADMIN_SHUTDOWN, "terminating connection due to administrator command"));
+            }
             r = pool.checkout_notify(self.ticket.clone(), notify, notice) => r,
             () = cancelled => {
                 self.info.set_state(ClientState::Idle);
@@ -318,7 +351,7 @@ impl Session {
                     .stats
                     .checkout_errors
                     .fetch_add(1, Ordering::Relaxed);
-                Err(match e {
+                let f = match e {
                     CheckoutError::Shed { pool, class, waited } => ErrorFields::error(
                         SqlState::TOO_MANY_CONNECTIONS,
                         format!("no server connection available: class \"{class}\" waited {} ms in pool \"{pool}\" (max_wait)", waited.as_millis()),
@@ -329,7 +362,18 @@ impl Session {
                     ),
                     CheckoutError::Connect(e) => e.to_client(),
                     CheckoutError::Closed(pool) => ErrorFields::error(SqlState::CANNOT_CONNECT_NOW, format!("pool \"{pool}\" is closed")),
-                })
+                };
+                if self.shared.config().sluice.log_pooler_errors {
+                    warn!(
+                        client.id = self.info.id,
+                        user = self.info.user.as_str(),
+                        db = self.info.db.as_str(),
+                        code = f.code.as_str(),
+                        "no server connection: {}",
+                        f.message
+                    );
+                }
+                Err(f)
             }
         }
     }
@@ -344,7 +388,6 @@ impl Session {
             ))
             .await;
         }
-        self.close();
         end
     }
 
@@ -514,7 +557,7 @@ impl Session {
             let kind = sluice_policy::statement_kind(&query);
             let (size, active, idle, waiting) = self.pool.pool.load();
             let facts = TransactionFacts {
-                cookies: &self.cookies,
+                cookies: &self.admitted.cookies,
                 class: &self.class_name,
                 kind,
                 in_transaction: false,
@@ -557,7 +600,7 @@ impl Session {
         }
         // A policy's priority applies to this transaction only. A free connection is taken
         // without building the waiting future.
-        let saved = priority.map(|pr| std::mem::replace(&mut self.ticket.priority, pr));
+        let saved = priority.map(|pr| self.ticket.priority.replace(pr));
         let checkout = match self.checkout_now() {
             Some(g) => Ok(g),
             None => self.checkout(io, false).await,
@@ -567,6 +610,8 @@ impl Session {
         }
         let mut guard = match checkout {
             Ok(g) => g,
+            // Killed while waiting: the session ends (serve sends the 57P01).
+            Err(_) if self.info.kill.is_flipped() => return Err(End::Terminated),
             Err(f) => return self.refuse_batch(io, f).await,
         };
         let waited = guard.waited;
@@ -594,7 +639,7 @@ impl Session {
         let took = started.elapsed();
         if policy.wants(Hook::Complete) {
             policy.on_complete(&CompletionFacts {
-                cookies: &self.cookies,
+                cookies: &self.admitted.cookies,
                 class: &self.class_name,
                 duration_us: took.as_micros() as u64,
                 wait_us: waited.as_micros() as u64,

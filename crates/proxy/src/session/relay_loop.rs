@@ -298,7 +298,7 @@ impl Session {
         let query = String::from_utf8_lossy(&text[..end]);
         let (size, active, idle, waiting) = self.pool.pool.load();
         let facts = TransactionFacts {
-            cookies: &self.cookies,
+            cookies: &self.admitted.cookies,
             class: &self.class_name,
             kind: sluice_policy::statement_kind(&query),
             in_transaction: status != TransactionStatus::Idle,
