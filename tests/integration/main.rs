@@ -19,4 +19,5 @@ mod reload;
 mod scheduler;
 mod shutdown;
 mod smoke;
+mod state;
 mod util;

@@ -35,7 +35,6 @@ enum Synth {
     CloseComplete,
     CommandComplete(&'static str),
     Ready(TransactionStatus),
-    Error(Box<ErrorFields>),
 }
 
 /// Undo information for an optimistic change to the client's statement names.
@@ -162,6 +161,8 @@ pub struct Relay {
     pending_changes: Vec<SessionChange>,
     /// How the last transaction block ended: COMMIT (true) or ROLLBACK (false).
     block_end: Option<bool>,
+    /// The client's wishes changed without the server (a DISCARD ALL answered by Sluice).
+    wishes_diverged: bool,
 }
 
 /// Whole client messages kept back to back in one buffer: copying a batch's few hundred bytes
@@ -227,6 +228,13 @@ impl Relay {
         self.invalidated = None;
         self.pending_changes.clear();
         self.block_end = None;
+        self.wishes_diverged = false;
+    }
+
+    /// Whether the client's wishes changed in this transaction without the server session
+    /// following: the next transaction must sync against what was applied.
+    pub fn wishes_diverged(&self) -> bool {
+        self.wishes_diverged
     }
 
     /// Whether the server connection can be released: nothing outstanding, idle, no open batch.
@@ -344,7 +352,10 @@ impl Relay {
                     self.queue.push_back(Entry::Execute { stmt: None });
                 }
                 to_server.extend_from_slice(raw);
-                self.queue.push_back(Entry::Sync);
+                // In copy-in mode the server ignores a Sync (see the CopyInResponse handling).
+                if !self.copy_in {
+                    self.queue.push_back(Entry::Sync);
+                }
                 // Keep both vectors' memory: the finished batch becomes the sent one.
                 std::mem::swap(&mut self.sent_batch, &mut self.batch);
                 self.batch.clear();
@@ -403,7 +414,7 @@ impl Relay {
                             SqlState::PROTOCOL_VIOLATION,
                             format!("invalid message format ('{}')", tag as char),
                         );
-                        self.fail_batch(err, to_client);
+                        self.fail_batch(err);
                     }
                 }
             }
@@ -475,6 +486,7 @@ impl Relay {
             SessionCommand::DiscardAll if status == TransactionStatus::Idle => {
                 client.statements.clear();
                 client.params.reset_all();
+                self.wishes_diverged = true;
                 "DISCARD ALL"
             }
             _ => return false,
@@ -484,19 +496,33 @@ impl Relay {
         true
     }
 
-    fn fail_batch(&mut self, err: ErrorFields, to_client: &mut BytesMut) {
-        self.push_synth(Synth::Error(Box::new(err)), None, to_client);
+    /// Fails the rest of the batch with `err`, an error Sluice found (an unknown or stale
+    /// statement, a malformed message): the client's messages up to its Sync are skipped, and
+    /// the server raises `err` at the Sync. So the batch's implicit transaction, or the client's
+    /// transaction block, fails as PostgreSQL would fail it, instead of committing what ran
+    /// before the error.
+    fn fail_batch(&mut self, err: ErrorFields) {
+        self.unsynced = true;
         self.skip_until_sync = true;
+        self.raise_at_sync.get_or_insert(err);
     }
 }
 
 /// A statement that makes the server raise `err` with its SQLSTATE and message.
 fn raise_sql(err: &ErrorFields) -> String {
-    format!(
-        "DO $sluice$ BEGIN RAISE EXCEPTION USING ERRCODE = '{}', MESSAGE = {}; END $sluice$",
+    let quote = crate::params::quote_literal;
+    let mut options = format!(
+        "ERRCODE = '{}', MESSAGE = {}",
         err.code.as_str(),
-        crate::params::quote_literal(&err.message)
-    )
+        quote(&err.message)
+    );
+    if let Some(d) = &err.detail {
+        options.push_str(&format!(", DETAIL = {}", quote(d)));
+    }
+    if let Some(h) = &err.hint {
+        options.push_str(&format!(", HINT = {}", quote(h)));
+    }
+    format!("DO $sluice$ BEGIN RAISE EXCEPTION USING {options}; END $sluice$")
 }
 
 /// A cheap filter before lexing: only DEALLOCATE, DISCARD, SET and RESET (or a leading comment)

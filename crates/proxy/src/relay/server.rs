@@ -149,7 +149,18 @@ impl Relay {
                 }
                 self.pop_if(|e| matches!(e, Entry::Execute { .. }));
             }
-            b'G' => self.copy_in = true,
+            b'G' => {
+                self.copy_in = true;
+                // COPY FROM STDIN through the extended protocol: the server ignores Sync while
+                // in copy-in mode, so a Sync the client sent right after the Execute (libpq and
+                // tokio-postgres do) gets no answer. Its entry goes; the Sync after CopyDone
+                // gets the ReadyForQuery.
+                if matches!(self.queue.front(), Some(Entry::Execute { .. })) {
+                    while matches!(self.queue.get(1), Some(Entry::Sync)) {
+                        self.queue.remove(1);
+                    }
+                }
+            }
             b'E' => {
                 ev.error = true;
                 self.copy_in = false;
@@ -319,6 +330,12 @@ impl Relay {
                     if let Some(e) = self.queue.pop_front() {
                         undo(e, client, server);
                     }
+                }
+                if self.queue.is_empty() {
+                    // The batch's Sync has not come yet: the server ignores everything up to
+                    // it, so the client's next messages until then must not be forwarded and
+                    // expect answers.
+                    self.skip_until_sync = true;
                 }
             }
             None => {}
@@ -498,6 +515,5 @@ pub(super) fn emit(msg: &Synth, to_client: &mut BytesMut) {
         Synth::CloseComplete => backend::encode_close_complete(to_client),
         Synth::CommandComplete(tag) => backend::encode_command_complete(to_client, tag),
         Synth::Ready(status) => backend::encode_ready_for_query(to_client, *status),
-        Synth::Error(f) => backend::encode_error(to_client, f),
     }
 }

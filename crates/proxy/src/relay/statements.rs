@@ -107,7 +107,7 @@ impl Relay {
                             String::from_utf8_lossy(&name)
                         ),
                     );
-                    self.fail_batch(err, to_client);
+                    self.fail_batch(err);
                     return;
                 }
                 let stmt = client.registry.get(&query, &param_types);
@@ -143,11 +143,11 @@ impl Relay {
                     return;
                 }
                 let Some(stmt) = client.statements.resolve(&statement) else {
-                    self.unknown_statement(&statement, to_client);
+                    self.unknown_statement(&statement);
                     return;
                 };
                 if stmt.is_stale() {
-                    self.stale_statement(to_client);
+                    self.stale_statement();
                     return;
                 }
                 self.ensure_prepared(&stmt, server, to_server);
@@ -162,11 +162,11 @@ impl Relay {
             FrontendMessage::Describe { kind, name } => {
                 if kind == b'S' && !name.is_empty() {
                     let Some(stmt) = client.statements.resolve(&name) else {
-                        self.unknown_statement(&name, to_client);
+                        self.unknown_statement(&name);
                         return;
                     };
                     if stmt.is_stale() {
-                        self.stale_statement(to_client);
+                        self.stale_statement();
                         return;
                     }
                     self.ensure_prepared(&stmt, server, to_server);
@@ -211,16 +211,16 @@ impl Relay {
 
     /// The client's statement was prepared before DDL changed its result: PostgreSQL's error,
     /// until the client prepares it again.
-    pub(super) fn stale_statement(&mut self, to_client: &mut BytesMut) {
+    pub(super) fn stale_statement(&mut self) {
         let err = ErrorFields::error(
             SqlState::FEATURE_NOT_SUPPORTED,
             "cached plan must not change result type",
         )
         .with_hint("prepare the statement again");
-        self.fail_batch(err, to_client);
+        self.fail_batch(err);
     }
 
-    pub(super) fn unknown_statement(&mut self, name: &[u8], to_client: &mut BytesMut) {
+    pub(super) fn unknown_statement(&mut self, name: &[u8]) {
         let err = ErrorFields::error(
             SqlState::INVALID_SQL_STATEMENT_NAME,
             format!(
@@ -228,6 +228,6 @@ impl Relay {
                 String::from_utf8_lossy(name)
             ),
         );
-        self.fail_batch(err, to_client);
+        self.fail_batch(err);
     }
 }

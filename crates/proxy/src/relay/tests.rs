@@ -129,6 +129,17 @@ fn exec() -> FrontendMessage {
     }
 }
 
+/// What the server answers to the DO block Sluice sends at a Sync to raise `code`: the
+/// injected Parse and Bind complete, the block raises, and the Sync ends the batch.
+fn raised(code: SqlState, message: &str, status: TransactionStatus) -> BytesMut {
+    let mut out = BytesMut::new();
+    backend::encode_parse_complete(&mut out);
+    backend::encode_bind_complete(&mut out);
+    backend::encode_error(&mut out, &ErrorFields::error(code, message));
+    out.extend_from_slice(&z(status));
+    out
+}
+
 fn z(status: TransactionStatus) -> BytesMut {
     let mut b = BytesMut::new();
     backend::encode_ready_for_query(&mut b, status);
@@ -291,14 +302,22 @@ fn unknown_and_duplicate_names_get_postgres_errors_in_order() {
         &mut s,
         &[bind("nope"), exec(), FrontendMessage::Sync],
     );
-    assert_eq!(
-        tags(&up),
-        "S",
-        "messages after the error are dropped until Sync"
+    // The messages after the error are dropped; the server raises it at the Sync, so the
+    // batch fails there as it would have in PostgreSQL.
+    assert_eq!(tags(&up), "PBES");
+    assert!(String::from_utf8_lossy(&up).contains("26000"));
+    assert!(down.is_empty(), "the error comes from the server, in order");
+    let back = raised(
+        SqlState::INVALID_SQL_STATEMENT_NAME,
+        "prepared statement \"nope\" does not exist",
+        TransactionStatus::Idle,
     );
-    assert_eq!(tags(&down), "E");
-    assert!(String::from_utf8_lossy(&down).contains("26000"));
-    answer(&mut r, &mut c, &reg, &mut s, z(TransactionStatus::Idle));
+    assert_eq!(
+        tags(&answer(&mut r, &mut c, &reg, &mut s, back)),
+        "EZ",
+        "the injected ParseComplete and BindComplete are swallowed"
+    );
+    assert!(r.done(&s));
     let mut r = Relay::default();
     send(
         &mut r,
@@ -312,14 +331,14 @@ fn unknown_and_duplicate_names_get_postgres_errors_in_order() {
     out.extend_from_slice(&z(TransactionStatus::Idle));
     answer(&mut r, &mut c, &reg, &mut s, out);
     let mut r = Relay::default();
-    let (_, down) = send(
+    let (up, _) = send(
         &mut r,
         &mut c,
         &reg,
         &mut s,
         &[parse("s1", "select 2"), FrontendMessage::Sync],
     );
-    assert!(String::from_utf8_lossy(&down).contains("42P05"));
+    assert!(String::from_utf8_lossy(&up).contains("42P05"));
 }
 
 #[test]
@@ -471,14 +490,21 @@ fn a_stale_cached_plan_without_describe_is_reported_and_invalidated() {
     // Binding the old name again fails as in PostgreSQL; preparing the text again works, on a
     // fresh server-side statement.
     let mut r = Relay::default();
-    let (_, down) = send(
+    let (up, _) = send(
         &mut r,
         &mut c,
         &reg,
         &mut s,
         &[bind("s1"), exec(), FrontendMessage::Sync],
     );
-    assert!(String::from_utf8_lossy(&down).contains("0A000"));
+    assert!(
+        String::from_utf8_lossy(&up).contains("0A000"),
+        "raised by the server"
+    );
+    assert!(
+        String::from_utf8_lossy(&up).contains("prepare the statement again"),
+        "with the hint"
+    );
     let mut r = Relay::default();
     let (up, _) = send(
         &mut r,

@@ -37,10 +37,12 @@ impl Session {
         let mut to_server = std::mem::take(&mut self.to_server);
         to_server.clear();
         relay.close_orphans(server, &mut to_server);
+        // Taken, not read: until this transaction ends well, the server session matches
+        // nobody's wishes (an abandoned transaction may have applied a SET, or this sync).
         if !server
             .params_for
-            .as_ref()
-            .is_some_and(|w| self.params.matches(w))
+            .take()
+            .is_some_and(|w| self.params.matches(&w))
         {
             if let Some(sql) = self.params.diff(&server.params, &mut server.applied) {
                 relay.inject_query(&sql, &mut to_server);
@@ -57,7 +59,6 @@ impl Session {
                 &mut to_server,
             );
             server.applied.insert("statement_timeout".into(), value);
-            server.params_for = None;
         }
         // Registered once for the whole transaction, not once per wake-up.
         let killed = self.info.kill.flipped();
@@ -142,12 +143,9 @@ impl Session {
                 }
             }
             if relay.started && relay.done(server) && to_server.is_empty() {
-                if !timed
-                    && !server
-                        .params_for
-                        .as_ref()
-                        .is_some_and(|w| Arc::ptr_eq(w, self.params.wishes()))
-                {
+                // A policy's statement_timeout, or a DISCARD ALL answered here, left the server
+                // session different from what the client's wishes say.
+                if !timed && !relay.wishes_diverged() {
                     server.params_for = Some(self.params.wishes().clone());
                 }
                 if !io.wbuf.is_empty() {
@@ -345,6 +343,9 @@ pub(super) async fn run_simple(
             format!("server connection lost: {e}"),
         )
     };
+    // Broken until the answer is read whole: if this future is dropped half-way (a login
+    // timeout, a hard stop), the connection must not go back to the pool mid-query.
+    let was_broken = std::mem::replace(&mut server.broken, true);
     server.stream.write_all(query).await.map_err(io_err)?;
     let mut reported = Vec::new();
     let mut error = None;
@@ -362,6 +363,7 @@ pub(super) async fn run_simple(
                     if let Ok(s) = backend::decode_ready_for_query(&body) {
                         server.status = s;
                     }
+                    server.broken = was_broken;
                     return match error {
                         Some(e) => Err(e),
                         None => Ok(reported),
