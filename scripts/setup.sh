@@ -2,7 +2,8 @@
 # Installs what the test suite and the demo need, and only what is missing. Idempotent and quiet:
 # one line per thing installed. Works as root (CI) or as a user with sudo.
 #
-#   - Debian: postgresql-15, pgbouncer, libpostgresql-jdbc-java, default-jdk-headless (if no java)
+#   - Debian: postgresql-15, pgbouncer, libpostgresql-jdbc-java, default-jdk-headless (if no java),
+#     python3-venv and npm (if missing)
 #   - rustup target wasm32-wasip2 (for plugins/)
 #   - Python venv  ${SLUICE_CACHE:-$HOME/.cache/sluice}/py   with psycopg[binary] and asyncpg
 #   - Node modules ${SLUICE_CACHE:-$HOME/.cache/sluice}/node with pg
@@ -28,6 +29,9 @@ if [ "$(id -u)" -eq 0 ]; then sudo=(); else sudo=(sudo); fi
 have_pkg() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'; }
 want=(postgresql-15 pgbouncer libpostgresql-jdbc-java)
 command -v java >/dev/null 2>&1 || want+=(default-jdk-headless)
+# The Python and Node test clients install into venv/node_modules caches: they need these.
+python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || want+=(python3-venv)
+command -v npm >/dev/null 2>&1 || want+=(npm)
 missing=()
 for p in "${want[@]}"; do have_pkg "$p" || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then
