@@ -446,6 +446,24 @@ async fn pause_resume_reconnect_of_one_database_and_unknown_ones() {
     admin.query("RESUME appdb").await.expect("RESUME appdb");
     assert_eq!(paused("appdb").await, ("0".into(), "0".into()));
     app.simple_query("select 1").await.expect("appdb resumed");
+    // Resuming what is not paused is an error, as in PgBouncer.
+    for (cmd, msg) in [
+        ("RESUME appdb", "database appdb is not paused"),
+        ("RESUME", "pooler is not paused"),
+    ] {
+        let e = admin.try_query(cmd).await.expect_err(cmd);
+        assert_eq!(
+            sqlstate(&e).as_deref(),
+            Some("55000"),
+            "{cmd}: {}",
+            db_error_text(&e)
+        );
+        assert!(
+            db_error_text(&e).contains(msg),
+            "{cmd}: {}",
+            db_error_text(&e)
+        );
+    }
     drop((app, other, admin));
     sluice.shutdown().await;
 }

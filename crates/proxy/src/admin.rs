@@ -181,6 +181,18 @@ impl Admin {
                 Err(e) => backend::encode_error(out, &e),
             },
             ["resume"] | ["resume", _] => match self.pools(db_arg) {
+                // As PgBouncer: resuming what is not paused is an error, so a script that
+                // resumes the wrong database hears of it.
+                Ok(pools) if !pools.iter().any(|p| p.pool.is_paused()) => {
+                    let msg = match db_arg {
+                        Some(db) => format!("database {db} is not paused"),
+                        None => "pooler is not paused".to_owned(),
+                    };
+                    backend::encode_error(
+                        out,
+                        &ErrorFields::error(SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE, msg),
+                    );
+                }
                 Ok(pools) => {
                     for p in pools {
                         p.pool.resume();

@@ -35,6 +35,8 @@ impl SqlState {
     pub const SYNTAX_ERROR: SqlState = SqlState::new(b"42601");
     /// `42P05` duplicate_prepared_statement.
     pub const DUPLICATE_PREPARED_STATEMENT: SqlState = SqlState::new(b"42P05");
+    /// `55000` object_not_in_prerequisite_state.
+    pub const OBJECT_NOT_IN_PREREQUISITE_STATE: SqlState = SqlState::new(b"55000");
     /// `53300` too_many_connections.
     pub const TOO_MANY_CONNECTIONS: SqlState = SqlState::new(b"53300");
     /// `54000` program_limit_exceeded.
