@@ -219,3 +219,32 @@ async fn copy_in_through_the_extended_protocol_releases_the_connection() {
     drop((a, b));
     sluice.shutdown().await;
 }
+
+/// A COMMIT pipelined right before Terminate still commits, as it does against PostgreSQL:
+/// the server finishes what the client sent before leaving.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_commit_pipelined_before_terminate_commits() {
+    let pg = PgCluster::shared();
+    fresh_table(pg, "appdb", "state_commit", "n int").await;
+    let sluice = SluiceHandle::start(one_connection(pg)).await;
+    let mut raw = raw_trusted(&sluice, "appdb", &[]).await;
+    raw.simple_rows("begin").await.expect("begin");
+    let mut last = Vec::new();
+    last.extend(frontend::query("insert into state_commit values (1)"));
+    last.extend(frontend::query("commit"));
+    last.extend(frontend::terminate());
+    raw.send(&last).await.expect("send");
+    drop(raw);
+    let check = sluice.connect("app", "appdb").await;
+    sluice_tests::harness::eventually("the pipelined COMMIT", WAIT, || async {
+        let n: i64 = check
+            .query_one("select count(*) from state_commit", &[])
+            .await?
+            .get(0);
+        Ok((n == 1).then_some(()))
+    })
+    .await
+    .expect("the row committed");
+    drop(check);
+    sluice.shutdown().await;
+}

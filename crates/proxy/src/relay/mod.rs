@@ -262,6 +262,11 @@ impl Relay {
         !self.queue.is_empty() || self.streaming > 0
     }
 
+    /// Whether the server is in COPY FROM STDIN, waiting for the client's data.
+    pub fn copying_in(&self) -> bool {
+        self.copy_in
+    }
+
     /// Queues Sluice's own SET/RESET query, whose answers the client never sees.
     pub fn inject_query(&mut self, sql: &str, to_server: &mut BytesMut) {
         frontend::encode_query(to_server, sql);

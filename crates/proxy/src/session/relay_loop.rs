@@ -66,6 +66,9 @@ impl Session {
         // Created once per transaction, and only when the timeout is set.
         let mut idle_timer = idle_tx.map(|t| Box::pin(tokio::time::sleep(t)));
         let mut statements = 0u32;
+        // The client sent Terminate after messages still to be answered: the server finishes
+        // them for nobody, as PostgreSQL would (a pipelined COMMIT commits).
+        let mut client_left = false;
         // Whoever had this connection before registered its own waker.
         self.server_read.disarm();
         loop {
@@ -85,6 +88,11 @@ impl Session {
                         .await);
                 }
                 if header.tag == b'X' {
+                    if relay.started && !(relay.done(server) && to_server.is_empty()) {
+                        io.rbuf.clear();
+                        client_left = true;
+                        break;
+                    }
                     return Err(End::Client);
                 }
                 if io.rbuf.len() < header.total_len() {
@@ -135,6 +143,15 @@ impl Session {
                     Err(_) => return Err(lost_while_sending(server, io).await),
                 }
             }
+            if client_left {
+                io.wbuf.clear();
+                // A COPY FROM STDIN would wait for data that will not come.
+                if relay.copying_in() || (to_server.is_empty() && !relay.waiting_for_server()) {
+                    // Everything it sent was answered. Left inside a transaction block, the
+                    // session's abandon rolls it back.
+                    return Err(End::Client);
+                }
+            }
             if !io.wbuf.is_empty() {
                 match io.stream.try_write(&io.wbuf) {
                     Ok(n) => io.wbuf.advance(n),
@@ -154,7 +171,7 @@ impl Session {
                 self.to_server = to_server;
                 return Ok(relay);
             }
-            let read_client = to_server.len() < HIGH_WATER;
+            let read_client = !client_left && to_server.len() < HIGH_WATER;
             let read_server = io.wbuf.len() < HIGH_WATER;
             // The idle-in-transaction clock runs while the client owes the next message, and
             // restarts at every event.
