@@ -248,3 +248,25 @@ async fn a_commit_pipelined_before_terminate_commits() {
     drop(check);
     sluice.shutdown().await;
 }
+
+/// A DEALLOCATE that Sluice answers itself, pipelined after BEGIN, reports the transaction
+/// status the server has by then ('T'), not the one from before the BEGIN.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_locally_answered_command_after_begin_reports_the_open_transaction() {
+    let pg = PgCluster::shared();
+    let sluice = SluiceHandle::start(one_connection(pg)).await;
+    let mut raw = raw_trusted(&sluice, "appdb", &[]).await;
+    let mut both = Vec::new();
+    both.extend(frontend::query("begin"));
+    both.extend(frontend::query("deallocate all"));
+    raw.send(&both).await.expect("send");
+    let begin = raw.recv_until_ready().await.expect("begin");
+    assert_eq!(begin.last().and_then(|m| m.ready_status()), Some(b'T'));
+    let dealloc = raw.recv_until_ready().await.expect("deallocate");
+    let tags: Vec<String> = dealloc.iter().filter_map(|m| m.command_tag()).collect();
+    assert_eq!(tags, ["DEALLOCATE ALL"]);
+    assert_eq!(dealloc.last().and_then(|m| m.ready_status()), Some(b'T'));
+    raw.simple_rows("rollback").await.expect("rollback");
+    raw.terminate().await.expect("terminate");
+    sluice.shutdown().await;
+}

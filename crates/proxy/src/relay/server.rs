@@ -173,7 +173,7 @@ impl Relay {
                         // Sluice, with the server's reason, instead of a FATAL meant for Sluice.
                         server.broken = true;
                         server.fatal = Some(f.message);
-                        self.drain_synth(out);
+                        self.drain_synth(out, server.status);
                         return;
                     }
                 }
@@ -246,7 +246,7 @@ impl Relay {
         if forward {
             out.forward(at, at + len);
         }
-        self.drain_synth(out);
+        self.drain_synth(out, server.status);
     }
 
     fn pop_if(&mut self, f: impl Fn(&Entry) -> bool) {
@@ -258,16 +258,23 @@ impl Relay {
     /// Sends the answers Sluice owes the client that are now at the head of the queue.
     /// Inline: it runs after every server message, and there is rarely anything to send.
     #[inline]
-    fn drain_synth(&mut self, out: &mut ToClient<'_>) {
+    /// Sends the answers Sluice gives itself that are next in line. `status` is the server's
+    /// transaction status now: a ReadyForQuery answered here, queued behind the server's answers
+    /// (a DEALLOCATE pipelined after BEGIN), reports it as the server would.
+    fn drain_synth(&mut self, out: &mut ToClient<'_>, status: TransactionStatus) {
         if matches!(self.queue.front(), Some(Entry::Synth { .. })) {
-            self.emit_synth(out);
+            self.emit_synth(out, status);
         }
     }
 
     #[inline(never)]
-    fn emit_synth(&mut self, out: &mut ToClient<'_>) {
+    fn emit_synth(&mut self, out: &mut ToClient<'_>, status: TransactionStatus) {
         while let Some(Entry::Synth { .. }) = self.queue.front() {
             if let Some(Entry::Synth { msg, .. }) = self.queue.pop_front() {
+                let msg = match msg {
+                    Synth::Ready(_) => Synth::Ready(status),
+                    other => other,
+                };
                 emit(&msg, out.flush());
             }
         }
