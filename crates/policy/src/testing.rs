@@ -4,6 +4,9 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
+use std::time::Duration;
+
+use sluice_config::{PluginConfig, PolicyConfig};
 
 /// The `plugins/` workspace of this repository: found above the running test's package
 /// directory (cargo sets it at run time), since the compile-time path is stale when a shared
@@ -96,4 +99,23 @@ pub fn test_plugin_path(name: &str) -> PathBuf {
         path.display()
     );
     path
+}
+
+/// A `[policy]` section for tests running `plugins`. The deadline is generous: tests run in
+/// parallel on small machines with a debug build of wasmtime, and the epoch deadline is
+/// wall-clock time, so a descheduled thread must not time out. The breaker opens after 5
+/// failures.
+pub fn test_policy_config(plugins: Vec<PluginConfig>) -> PolicyConfig {
+    PolicyConfig {
+        deadline: Duration::from_millis(200),
+        memory_limit: 16 << 20,
+        watch: false,
+        watch_interval: Duration::from_millis(50),
+        breaker_failures: 5,
+        breaker_window: Duration::from_secs(10),
+        breaker_cooldown: Duration::from_secs(30),
+        pressure_interval: Duration::from_millis(100),
+        max_query_len: 1024,
+        plugins,
+    }
 }

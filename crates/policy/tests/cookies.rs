@@ -5,7 +5,6 @@
 //! in host counters.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use sluice_config::{FailMode, PluginConfig, PolicyConfig};
 use sluice_policy::testing::test_plugin_path;
@@ -28,19 +27,11 @@ fn probe(name: &str, tag: u32, fail: FailMode, extra: &str) -> PluginConfig {
     }
 }
 
-/// Generous deadline: tests share small machines with a debug build of wasmtime.
+/// The breaker stays shut: these tests make plugins fail on purpose.
 fn config(plugins: Vec<PluginConfig>) -> PolicyConfig {
     PolicyConfig {
-        deadline: Duration::from_millis(200),
-        memory_limit: 16 << 20,
-        watch: false,
-        watch_interval: Duration::from_millis(50),
         breaker_failures: 0,
-        breaker_window: Duration::from_secs(10),
-        breaker_cooldown: Duration::from_secs(30),
-        pressure_interval: Duration::from_millis(100),
-        max_query_len: 1024,
-        plugins,
+        ..sluice_policy::testing::test_policy_config(plugins)
     }
 }
 

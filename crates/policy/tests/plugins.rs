@@ -27,22 +27,9 @@ fn plugin(name: &str, path: PathBuf, fail: FailMode, settings: &str) -> PluginCo
     }
 }
 
-/// Tests run in parallel on small machines with a debug build of wasmtime, and the epoch
-/// deadline is wall-clock time: a generous deadline keeps a descheduled thread from timing out.
-/// The timeout test sets the real default (1 ms).
+/// The timeout test sets the real default deadline (1 ms).
 fn config(plugins: Vec<PluginConfig>) -> PolicyConfig {
-    PolicyConfig {
-        deadline: Duration::from_millis(200),
-        memory_limit: 16 << 20,
-        watch: false,
-        watch_interval: Duration::from_millis(50),
-        breaker_failures: 5,
-        breaker_window: Duration::from_secs(10),
-        breaker_cooldown: Duration::from_secs(30),
-        pressure_interval: Duration::from_millis(100),
-        max_query_len: 1024,
-        plugins,
-    }
+    sluice_policy::testing::test_policy_config(plugins)
 }
 
 fn engine(plugins: Vec<PluginConfig>) -> std::sync::Arc<PolicyEngine> {
