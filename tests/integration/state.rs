@@ -80,17 +80,15 @@ async fn a_batch_sluice_fails_part_way_does_not_commit_its_earlier_statements() 
     fresh_table(pg, "appdb", "state_batch", "n int").await;
     let sluice = SluiceHandle::start(one_connection(pg)).await;
     let mut raw = raw_trusted(&sluice, "appdb", &[]).await;
-    let mut batch = Vec::new();
-    batch.extend(frontend::parse(
-        "",
-        "insert into state_batch values (1)",
-        &[],
-    ));
-    batch.extend(frontend::bind("", "", &[]));
-    batch.extend(frontend::execute("", 0));
-    batch.extend(frontend::bind("", "never_prepared", &[]));
-    batch.extend(frontend::execute("", 0));
-    batch.extend(frontend::sync());
+    let batch = [
+        frontend::parse("", "insert into state_batch values (1)", &[]),
+        frontend::bind("", "", &[]),
+        frontend::execute("", 0),
+        frontend::bind("", "never_prepared", &[]),
+        frontend::execute("", 0),
+        frontend::sync(),
+    ]
+    .concat();
     raw.send(&batch).await.expect("send");
     let msgs = raw.recv_until_ready().await.expect("answers");
     let err = msgs.iter().find(|m| m.tag == b'E').expect("an error");
@@ -112,10 +110,12 @@ async fn a_batch_sluice_fails_part_way_does_not_commit_its_earlier_statements() 
     );
     // Inside a transaction block, the block is failed, as PostgreSQL would leave it.
     raw.simple_rows("begin").await.expect("begin");
-    let mut batch = Vec::new();
-    batch.extend(frontend::bind("", "never_prepared", &[]));
-    batch.extend(frontend::execute("", 0));
-    batch.extend(frontend::sync());
+    let batch = [
+        frontend::bind("", "never_prepared", &[]),
+        frontend::execute("", 0),
+        frontend::sync(),
+    ]
+    .concat();
     raw.send(&batch).await.expect("send");
     let msgs = raw.recv_until_ready().await.expect("answers");
     assert_eq!(msgs.last().and_then(|m| m.ready_status()), Some(b'E'));
@@ -138,15 +138,13 @@ async fn an_error_before_the_sync_keeps_the_answers_in_step() {
         .await
         .expect("seed");
     // First half: a unique violation, flushed so the error comes back before the Sync is sent.
-    let mut first = Vec::new();
-    first.extend(frontend::parse(
-        "",
-        "insert into state_unique values (1)",
-        &[],
-    ));
-    first.extend(frontend::bind("", "", &[]));
-    first.extend(frontend::execute("", 0));
-    first.extend(frontend::flush());
+    let first = [
+        frontend::parse("", "insert into state_unique values (1)", &[]),
+        frontend::bind("", "", &[]),
+        frontend::execute("", 0),
+        frontend::flush(),
+    ]
+    .concat();
     raw.send(&first).await.expect("send");
     let msgs = raw.recv_until(b'E').await.expect("the error");
     assert_eq!(
@@ -154,11 +152,13 @@ async fn an_error_before_the_sync_keeps_the_answers_in_step() {
         Some("23505")
     );
     // Second half: more work, then the Sync. PostgreSQL skips it all up to the Sync.
-    let mut rest = Vec::new();
-    rest.extend(frontend::parse("", "select 42", &[]));
-    rest.extend(frontend::bind("", "", &[]));
-    rest.extend(frontend::execute("", 0));
-    rest.extend(frontend::sync());
+    let rest = [
+        frontend::parse("", "select 42", &[]),
+        frontend::bind("", "", &[]),
+        frontend::execute("", 0),
+        frontend::sync(),
+    ]
+    .concat();
     raw.send(&rest).await.expect("send");
     let msgs = raw.recv_until_ready().await.expect("ready");
     let tags: Vec<char> = msgs.iter().map(|m| m.tag as char).collect();
@@ -229,10 +229,12 @@ async fn a_commit_pipelined_before_terminate_commits() {
     let sluice = SluiceHandle::start(one_connection(pg)).await;
     let mut raw = raw_trusted(&sluice, "appdb", &[]).await;
     raw.simple_rows("begin").await.expect("begin");
-    let mut last = Vec::new();
-    last.extend(frontend::query("insert into state_commit values (1)"));
-    last.extend(frontend::query("commit"));
-    last.extend(frontend::terminate());
+    let last = [
+        frontend::query("insert into state_commit values (1)"),
+        frontend::query("commit"),
+        frontend::terminate(),
+    ]
+    .concat();
     raw.send(&last).await.expect("send");
     drop(raw);
     let check = sluice.connect("app", "appdb").await;
@@ -256,9 +258,7 @@ async fn a_locally_answered_command_after_begin_reports_the_open_transaction() {
     let pg = PgCluster::shared();
     let sluice = SluiceHandle::start(one_connection(pg)).await;
     let mut raw = raw_trusted(&sluice, "appdb", &[]).await;
-    let mut both = Vec::new();
-    both.extend(frontend::query("begin"));
-    both.extend(frontend::query("deallocate all"));
+    let both = [frontend::query("begin"), frontend::query("deallocate all")].concat();
     raw.send(&both).await.expect("send");
     let begin = raw.recv_until_ready().await.expect("begin");
     assert_eq!(begin.last().and_then(|m| m.ready_status()), Some(b'T'));
