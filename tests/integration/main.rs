@@ -16,6 +16,7 @@ mod policy;
 mod prepared;
 mod protocol;
 mod reload;
+mod reset;
 mod scheduler;
 mod shutdown;
 mod smoke;

@@ -286,6 +286,7 @@ async fn every_family_has_help_type_and_one_block_of_samples() {
         ("sluice_server_connect_errors_total", "counter"),
         ("sluice_checkout_errors_total", "counter"),
         ("sluice_abandoned_transactions_total", "counter"),
+        ("sluice_server_resets_total", "counter"),
         ("sluice_class_active", "gauge"),
         ("sluice_class_waiting", "gauge"),
         ("sluice_class_shed_total", "counter"),

@@ -411,6 +411,7 @@ impl Admin {
                     "avg_wait_time",
                     "total_rejected",
                     "total_abandoned",
+                    "total_server_resets",
                 ]);
                 let xact_us = s.xact_us.load(Ordering::Relaxed);
                 let wait_us = s.wait_us.load(Ordering::Relaxed);
@@ -425,6 +426,7 @@ impl Admin {
                     (wait_us / xacts.max(1)).to_string(),
                     s.rejected.load(Ordering::Relaxed).to_string(),
                     s.abandoned.load(Ordering::Relaxed).to_string(),
+                    s.server_resets.load(Ordering::Relaxed).to_string(),
                 ]);
                 t
             }

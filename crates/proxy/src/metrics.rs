@@ -125,6 +125,11 @@ pub fn render(shared: &Shared) -> String {
             &s.abandoned,
         ),
         (
+            "sluice_server_resets_total",
+            "Server sessions reset (DISCARD ALL) because a client left session state on them.",
+            &s.server_resets,
+        ),
+        (
             "sluice_checkout_errors_total",
             "Checkouts that failed (shed, timeout, connect).",
             &s.checkout_errors,

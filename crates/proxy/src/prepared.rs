@@ -22,6 +22,9 @@ pub struct Statement {
     pub query: Bytes,
     /// Parameter type OIDs as the client gave them.
     pub param_types: Vec<u32>,
+    /// Running it may leave session state that Sluice resets afterwards
+    /// (`sluice_wire::sql::leaves_session_state`).
+    pub leaves_state: bool,
     /// Set when the server said its cached plan is invalid: clients move to a fresh statement.
     stale: AtomicBool,
 }
@@ -68,6 +71,7 @@ impl Registry {
             server_name: Bytes::from(format!("__sluice_{id}")),
             query: query.clone(),
             param_types: param_types.to_vec(),
+            leaves_state: sluice_wire::sql::leaves_session_state(query),
             stale: AtomicBool::new(false),
         })
     }
@@ -201,6 +205,12 @@ impl ServerStatements {
     /// Re-adds an entry whose Close was skipped by an error.
     pub fn restore(&mut self, id: u64, name: Bytes) {
         self.live.insert(id, (0, name));
+    }
+
+    /// Forgets every statement (the server session was reset).
+    pub fn clear(&mut self) {
+        self.live.clear();
+        self.orphans.clear();
     }
 
     /// Number of statements prepared here.

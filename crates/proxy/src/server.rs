@@ -192,6 +192,9 @@ pub struct ServerConn {
     pub status: TransactionStatus,
     /// Set when the connection's state is unknown: it is closed instead of reused.
     pub broken: bool,
+    /// Set when a client ran something that leaves session state Sluice does not replay (see
+    /// `sluice_wire::sql::leaves_session_state`): the session is reset before the next client.
+    pub dirty: bool,
     /// Cancel requests in flight against this backend; it is not reused until they finish.
     pub cancels: Arc<crate::cancel::InFlight>,
     /// When the connection was opened.
@@ -244,6 +247,7 @@ impl ServerConn {
             statements: ServerStatements::new(max_prepared),
             status: TransactionStatus::Idle,
             broken: false,
+            dirty: false,
             cancels: Arc::default(),
             created: Instant::now(),
             cancel_target: None,
@@ -253,6 +257,16 @@ impl ServerConn {
             dbname: who.0,
             user: who.1,
         }
+    }
+
+    /// Forgets what a `DISCARD ALL` just dropped: the prepared statements, the settings Sluice
+    /// applied for clients, and the record of whose wishes the session matches. The reported
+    /// parameters are current already (the reset's ParameterStatus messages updated them).
+    pub fn forget_session_state(&mut self) {
+        self.statements.clear();
+        self.applied.clear();
+        self.params_for = None;
+        self.dirty = false;
     }
 
     /// Where a cancel for this backend goes (built once per connection).
@@ -272,7 +286,10 @@ impl ServerConn {
 
 impl Poolable for ServerConn {
     fn reusable(&self) -> bool {
+        // A dirty session is reset before it goes back; one that comes back dirty all the
+        // same (its client's task was stopped half-way) is closed.
         !self.broken
+            && !self.dirty
             && self.status == TransactionStatus::Idle
             && self.rbuf.is_empty()
             && self.cancels.idle()

@@ -136,6 +136,8 @@ pub struct Stats {
     pub rejected: AtomicU64,
     /// Transactions abandoned by their client.
     pub abandoned: AtomicU64,
+    /// Server sessions reset because a client left state on them.
+    pub server_resets: AtomicU64,
     /// Client connections accepted.
     pub accepted: AtomicU64,
     /// Client connections refused at accept (max_client_conn).

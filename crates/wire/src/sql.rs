@@ -211,6 +211,114 @@ pub fn statement_count(sql: &str) -> usize {
     count
 }
 
+/// Whether running `sql` may leave state on the server session, beyond its transaction, that a
+/// pooler does not replay for the client on its next server connection. That is:
+/// - a `SET` other than `SET LOCAL`, `SET TRANSACTION` and `SET CONSTRAINTS` (so also `SET ROLE`,
+///   `SET SESSION AUTHORIZATION`, `SET SESSION CHARACTERISTICS`), and any `RESET`;
+/// - `LISTEN`, SQL-level `PREPARE`, `LOAD`, `CREATE TEMP ...`, `DECLARE ... WITH HOLD`;
+/// - a call of `set_config` whose last argument is not the literal `true`, or of a session-level
+///   advisory lock (`pg_advisory_lock`, `pg_try_advisory_lock` and their `_shared` forms).
+///
+/// Any statement of a multi-statement string counts. Callers that track a single session `SET`
+/// themselves check for it first. State changed inside functions and `DO` blocks is not seen.
+///
+/// Ordinary queries cost one pass over their bytes: the text is lexed only when that pass finds
+/// one of those first keywords, a second statement, or a name with `_config` or `_lock` in it.
+pub fn leaves_session_state(sql: &[u8]) -> bool {
+    if !worth_lexing(sql) {
+        return false;
+    }
+    let sql = String::from_utf8_lossy(sql);
+    let toks: Vec<Token> = Lexer::new(&sql).collect();
+    toks.split(|t| t.kind == Kind::Semicolon)
+        .any(|stmt| statement_leaves_state(&sql, stmt))
+}
+
+/// First keywords of statements that can leave session state (see [`leaves_session_state`]).
+const STATEFUL_FIRST: [&[u8]; 7] = [
+    b"set", b"reset", b"listen", b"prepare", b"load", b"create", b"declare",
+];
+
+/// The byte pass of [`leaves_session_state`].
+fn worth_lexing(sql: &[u8]) -> bool {
+    let t = sql.trim_ascii_start();
+    if t.starts_with(b"--") || t.starts_with(b"/*") {
+        return true;
+    }
+    let word = t.iter().take_while(|b| b.is_ascii_alphabetic()).count();
+    if STATEFUL_FIRST
+        .iter()
+        .any(|k| t[..word].eq_ignore_ascii_case(k))
+    {
+        return true;
+    }
+    let lower_at = |i: usize, k: &[u8]| {
+        sql.get(i..i + k.len())
+            .is_some_and(|w| w.eq_ignore_ascii_case(k))
+    };
+    let second_statement = sql.iter().position(|&b| b == b';').is_some_and(|i| {
+        sql[i + 1..]
+            .iter()
+            .any(|b| !b.is_ascii_whitespace() && *b != b';' && *b != 0)
+    });
+    second_statement
+        || sql
+            .iter()
+            .enumerate()
+            .any(|(i, &b)| b == b'_' && (lower_at(i + 1, b"config") || lower_at(i + 1, b"lock")))
+}
+
+/// One statement of [`leaves_session_state`].
+fn statement_leaves_state(sql: &str, toks: &[Token]) -> bool {
+    let kw = |i: usize, k: &str| toks.get(i).is_some_and(|t| is_kw(sql, *t, k));
+    let stateful_start = if kw(0, "set") {
+        !(kw(1, "local") || kw(1, "transaction") || kw(1, "constraints"))
+    } else if kw(0, "create") {
+        (1..4).any(|i| kw(i, "temp") || kw(i, "temporary"))
+    } else if kw(0, "declare") {
+        (1..toks.len()).any(|i| kw(i - 1, "with") && kw(i, "hold"))
+    } else {
+        ["reset", "listen", "prepare", "load"]
+            .iter()
+            .any(|k| kw(0, k))
+    };
+    if stateful_start {
+        return true;
+    }
+    let called = |i: usize| toks.get(i + 1).is_some_and(|t| t.kind == Kind::Punct(b'('));
+    (0..toks.len()).any(|i| {
+        if !called(i) {
+            return false;
+        }
+        if kw(i, "set_config") {
+            // The third argument is `is_local`: only a literal `true` keeps the change in the
+            // transaction. Find the call's closing parenthesis and look just before it.
+            let mut depth = 0usize;
+            for (j, t) in toks.iter().enumerate().skip(i + 1) {
+                match t.kind {
+                    Kind::Punct(b'(') => depth += 1,
+                    Kind::Punct(b')') => {
+                        depth -= 1;
+                        if depth == 0 {
+                            return !kw(j - 1, "true");
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            return true;
+        }
+        [
+            "pg_advisory_lock",
+            "pg_advisory_lock_shared",
+            "pg_try_advisory_lock",
+            "pg_try_advisory_lock_shared",
+        ]
+        .iter()
+        .any(|f| kw(i, f))
+    })
+}
+
 /// A session-level command a pooler must track or emulate.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum SessionCommand<'a> {

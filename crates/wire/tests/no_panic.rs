@@ -131,6 +131,12 @@ proptest! {
         let _ = sql::first_keyword(&sql);
         let _ = sql::statement_count(&sql);
         let _ = sql::session_command(&sql);
+        let _ = sql::leaves_session_state(sql.as_bytes());
+    }
+
+    #[test]
+    fn leaves_session_state_never_panics_on_bytes(sql in proptest::collection::vec(any::<u8>(), 0..64)) {
+        let _ = sql::leaves_session_state(&sql);
     }
 
     #[test]
@@ -140,6 +146,8 @@ proptest! {
                 Just("SET "), Just("RESET "), Just("DEALLOCATE "), Just("x"), Just("="),
                 Just("'"), Just("\""), Just("$$"), Just("$a$"), Just(";"), Just("--"),
                 Just("/*"), Just("*/"), Just("\n"), Just("E'\\"), Just("."), Just("\u{e9}"),
+                Just("set_config("), Just("("), Just(")"), Just(","), Just("true"),
+                Just("pg_advisory_lock("), Just("CREATE TEMP "), Just("WITH HOLD"), Just("_lock"),
             ],
             0..16,
         )
@@ -148,6 +156,7 @@ proptest! {
         let _ = sql::first_keyword(&sql);
         let _ = sql::statement_count(&sql);
         let _ = sql::session_command(&sql);
+        let _ = sql::leaves_session_state(sql.as_bytes());
     }
 
     #[test]

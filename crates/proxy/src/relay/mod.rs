@@ -379,6 +379,11 @@ impl Relay {
                     return;
                 }
                 let set = if special { session_change(text) } else { None };
+                // State the client leaves on the session that Sluice does not replay is reset
+                // when the connection comes back, before anyone else gets it.
+                if set.is_none() && sql::leaves_session_state(body) {
+                    server.dirty = true;
+                }
                 if let Some(k) = special.then(|| sql::first_keyword(text)).flatten() {
                     if (k.eq_ignore_ascii_case("discard") || k.eq_ignore_ascii_case("deallocate"))
                         && set.is_none()
@@ -406,6 +411,9 @@ impl Relay {
             b'P' | b'B' | b'D' | b'C' => {
                 self.unsynced = true;
                 if let Some(entry) = self.unnamed_passthrough(tag, raw) {
+                    if tag == b'P' && sql::leaves_session_state(unnamed_parse_query(raw)) {
+                        server.dirty = true;
+                    }
                     // Unnamed statement or portal: nothing to rename, forward the bytes as is.
                     to_server.extend_from_slice(raw);
                     self.queue.push_back(entry);
@@ -528,6 +536,13 @@ fn raise_sql(err: &ErrorFields) -> String {
         options.push_str(&format!(", HINT = {}", quote(h)));
     }
     format!("DO $sluice$ BEGIN RAISE EXCEPTION USING {options}; END $sluice$")
+}
+
+/// The query text of a Parse message for the unnamed statement (`raw` is the whole message).
+fn unnamed_parse_query(raw: &[u8]) -> &[u8] {
+    let query = raw.get(6..).unwrap_or_default();
+    let end = query.iter().position(|&b| b == 0).unwrap_or(query.len());
+    &query[..end]
 }
 
 /// A cheap filter before lexing: only DEALLOCATE, DISCARD, SET and RESET (or a leading comment)

@@ -151,6 +151,7 @@ impl Relay {
                     return;
                 }
                 self.ensure_prepared(&stmt, server, to_server);
+                server.dirty |= stmt.leaves_state;
                 frontend::encode_bind_renamed(to_server, &portal, &stmt.server_name, &rest);
                 self.last_bind = Some(stmt.clone());
                 let at = self.batch.len().saturating_sub(1);

@@ -660,15 +660,22 @@ impl Session {
         }
     }
 
-    fn release(&self, guard: ServerGuard) {
-        if guard.cancels.idle() {
+    fn release(&self, mut guard: ServerGuard) {
+        if guard.cancels.idle() && !guard.dirty {
             drop(guard);
             return;
         }
-        // A cancel is still in flight against this backend: reuse it only after it landed.
+        // A cancel still in flight against this backend, or session state the client left:
+        // the connection goes back only after the cancel landed and the session was reset.
         let wait = self.shared.config().sluice.cancel_wait_timeout;
+        let shared = self.shared.clone();
         self.shared.tracker.spawn(async move {
-            let _ = tokio::time::timeout(wait, guard.cancels.wait()).await;
+            if !guard.cancels.idle() {
+                let _ = tokio::time::timeout(wait, guard.cancels.wait()).await;
+            }
+            if guard.dirty {
+                reset_session(&mut guard, &shared).await;
+            }
             drop(guard);
         });
     }
@@ -688,23 +695,44 @@ impl Session {
             });
         }
         let clean_point = guard.rbuf.is_empty() && !guard.broken && guard.quiet;
-        if !clean_point || guard.status == TransactionStatus::Idle {
-            if guard.status != TransactionStatus::Idle || !clean_point {
-                guard.broken = true;
-            }
+        if !clean_point {
+            guard.broken = true;
+        }
+        if guard.broken || (guard.status == TransactionStatus::Idle && !guard.dirty) {
             drop(guard);
             return;
         }
+        let shared = self.shared.clone();
         self.shared.tracker.spawn(async move {
-            let mut out = BytesMut::new();
-            frontend::encode_query(&mut out, "ROLLBACK");
-            let ok =
-                tokio::time::timeout(Duration::from_secs(5), run_simple(&mut guard, &out)).await;
-            if !matches!(ok, Ok(Ok(_))) || guard.status != TransactionStatus::Idle {
-                guard.broken = true;
+            if guard.status != TransactionStatus::Idle {
+                let mut out = BytesMut::new();
+                frontend::encode_query(&mut out, "ROLLBACK");
+                let ok = tokio::time::timeout(Duration::from_secs(5), run_simple(&mut guard, &out))
+                    .await;
+                if !matches!(ok, Ok(Ok(_))) || guard.status != TransactionStatus::Idle {
+                    guard.broken = true;
+                }
+            }
+            if guard.dirty && !guard.broken {
+                reset_session(&mut guard, &shared).await;
             }
             drop(guard);
         });
+    }
+}
+
+/// Resets a server session a client left state on (`ServerConn::dirty`) with `DISCARD ALL`,
+/// so the next client finds it as new; the connection is closed instead if that fails.
+async fn reset_session(server: &mut ServerConn, shared: &Shared) {
+    let mut out = BytesMut::new();
+    frontend::encode_query(&mut out, "DISCARD ALL");
+    let done = tokio::time::timeout(Duration::from_secs(5), run_simple(server, &out)).await;
+    if matches!(done, Ok(Ok(_))) && server.status == TransactionStatus::Idle {
+        server.forget_session_state();
+        shared.stats.server_resets.fetch_add(1, Ordering::Relaxed);
+        debug!(server.pid = server.pid, "server session reset");
+    } else {
+        server.broken = true;
     }
 }
 

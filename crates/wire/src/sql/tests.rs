@@ -217,3 +217,52 @@ fn tricky_quoting() {
         set("x", "a /* c */, b", false)
     );
 }
+
+#[test]
+fn statements_that_leave_session_state() {
+    for sql in [
+        "SET ROLE reporting",
+        "set session authorization bob",
+        "SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY",
+        "SET search_path = app",
+        "select 1; set work_mem = '64MB'",
+        "RESET ALL",
+        "LISTEN jobs",
+        "PREPARE q AS select 1",
+        "LOAD 'auto_explain'",
+        "CREATE TEMP TABLE t (x int)",
+        "create local temporary table t (x int)",
+        "DECLARE c CURSOR WITH HOLD FOR select 1",
+        "select set_config('app.user', '42', false)",
+        "SELECT pg_catalog.SET_CONFIG('app.user', $1, $2)",
+        "select set_config('a', 'b', true), set_config('c', 'd', false)",
+        "select pg_advisory_lock(1)",
+        "SELECT pg_try_advisory_lock_shared(7) FROM t",
+        "/* app */ set role admin",
+    ] {
+        assert!(leaves_session_state(sql.as_bytes()), "{sql}");
+    }
+}
+
+#[test]
+fn statements_that_do_not_leave_session_state() {
+    for sql in [
+        "SELECT abalance FROM pgbench_accounts WHERE aid = 1;",
+        "SET LOCAL work_mem = '64MB'",
+        "SET TRANSACTION ISOLATION LEVEL SERIALIZABLE",
+        "set constraints all deferred",
+        "select set_config('app.user', '42', true)",
+        "select set_config('app.user', lower($1), TRUE) ;  ",
+        "select pg_advisory_xact_lock(1)",
+        "select pg_try_advisory_xact_lock(1)",
+        "DECLARE c CURSOR WITHOUT HOLD FOR select 1",
+        "DECLARE c CURSOR FOR select 1",
+        "CREATE TABLE temp_values (x int)",
+        "update t set x = 1 where note = 'SET ROLE x; LISTEN y'",
+        "select 'pg_advisory_lock(1)', \"set_config\"",
+        "insert into t values ('a;b')",
+        "",
+    ] {
+        assert!(!leaves_session_state(sql.as_bytes()), "{sql}");
+    }
+}
