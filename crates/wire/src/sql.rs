@@ -222,8 +222,9 @@ pub fn statement_count(sql: &str) -> usize {
 /// Any statement of a multi-statement string counts. Callers that track a single session `SET`
 /// themselves check for it first. State changed inside functions and `DO` blocks is not seen.
 ///
-/// Ordinary queries cost one pass over their bytes: the text is lexed only when that pass finds
-/// one of those first keywords, a second statement, or a name with `_config` or `_lock` in it.
+/// Ordinary queries cost a look at their first word and a SIMD search for `;` and `_`: the text
+/// is lexed only for one of those first keywords, a second statement, or a name with `_config`
+/// or `_lock` in it.
 pub fn leaves_session_state(sql: &[u8]) -> bool {
     if !worth_lexing(sql) {
         return false;
@@ -242,30 +243,33 @@ const STATEFUL_FIRST: [&[u8]; 7] = [
 /// The byte pass of [`leaves_session_state`].
 fn worth_lexing(sql: &[u8]) -> bool {
     let t = sql.trim_ascii_start();
-    if t.starts_with(b"--") || t.starts_with(b"/*") {
-        return true;
-    }
-    let word = t.iter().take_while(|b| b.is_ascii_alphabetic()).count();
-    if STATEFUL_FIRST
-        .iter()
-        .any(|k| t[..word].eq_ignore_ascii_case(k))
-    {
-        return true;
-    }
-    let lower_at = |i: usize, k: &[u8]| {
-        sql.get(i..i + k.len())
-            .is_some_and(|w| w.eq_ignore_ascii_case(k))
+    let stateful_first = match t.first().map(u8::to_ascii_lowercase) {
+        Some(b'-' | b'/') => t.starts_with(b"--") || t.starts_with(b"/*"),
+        Some(b's' | b'r' | b'l' | b'p' | b'c' | b'd') => {
+            let word = t.iter().take_while(|b| b.is_ascii_alphabetic()).count();
+            STATEFUL_FIRST
+                .iter()
+                .any(|k| t[..word].eq_ignore_ascii_case(k))
+        }
+        _ => false,
     };
-    let second_statement = sql.iter().position(|&b| b == b';').is_some_and(|i| {
+    if stateful_first {
+        return true;
+    }
+    // A statement separator followed by more text, or an underscore that starts `_config` or
+    // `_lock`.
+    let second_statement = memchr::memchr(b';', sql).is_some_and(|i| {
         sql[i + 1..]
             .iter()
             .any(|b| !b.is_ascii_whitespace() && *b != b';' && *b != 0)
     });
     second_statement
-        || sql
-            .iter()
-            .enumerate()
-            .any(|(i, &b)| b == b'_' && (lower_at(i + 1, b"config") || lower_at(i + 1, b"lock")))
+        || memchr::memchr_iter(b'_', sql).any(|i| {
+            [&b"config"[..], b"lock"].iter().any(|k| {
+                sql.get(i + 1..i + 1 + k.len())
+                    .is_some_and(|w| w.eq_ignore_ascii_case(k))
+            })
+        })
 }
 
 /// One statement of [`leaves_session_state`].

@@ -266,3 +266,17 @@ fn statements_that_do_not_leave_session_state() {
         assert!(!leaves_session_state(sql.as_bytes()), "{sql}");
     }
 }
+
+#[test]
+fn markers_are_found_at_every_offset() {
+    // The byte search works in vector-sized blocks: a marker at any offset is found.
+    for pad in 0..20 {
+        let pad = "x".repeat(pad);
+        let call = format!("select {pad}, set_config('a', 'b', false)");
+        assert!(leaves_session_state(call.as_bytes()), "{call}");
+        let two = format!("select {pad};set x = 1");
+        assert!(leaves_session_state(two.as_bytes()), "{two}");
+        let plain = format!("select {pad}_x, y;  ");
+        assert!(!leaves_session_state(plain.as_bytes()), "{plain}");
+    }
+}
