@@ -190,6 +190,17 @@ async fn state_left_through_the_extended_protocol_is_reset() {
         .expect("unnamed set");
     assert_ne!(value(&b, "show search_path").await, "pg_catalog");
     assert_eq!(resets(&sluice), 4);
+    // Sluice scans each distinct unnamed text once: the same text again is still seen.
+    for n in 5..7 {
+        a.query_typed(
+            "select set_config('app.tenant', $1, false)",
+            &[(&"10", Type::TEXT)],
+        )
+        .await
+        .expect("unnamed again");
+        assert_eq!(value(&b, probe).await, "");
+        assert_eq!(resets(&sluice), n);
+    }
     assert_eq!(backend_pid(&b).await, pid, "the same backend, reset");
     drop((a, b));
     sluice.shutdown().await;

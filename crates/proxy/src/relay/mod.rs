@@ -163,6 +163,10 @@ pub struct Relay {
     block_end: Option<bool>,
     /// The client's wishes changed without the server (a DISCARD ALL answered by Sluice).
     wishes_diverged: bool,
+    /// The text of this client's last unnamed Parse and whether it leaves session state: drivers
+    /// send the same text again and again, so the scan runs once per distinct text. Kept
+    /// across transactions.
+    last_unnamed: Option<(Bytes, bool)>,
 }
 
 /// Whole client messages kept back to back in one buffer: copying a batch's few hundred bytes
@@ -229,6 +233,18 @@ impl Relay {
         self.pending_changes.clear();
         self.block_end = None;
         self.wishes_diverged = false;
+    }
+
+    /// Whether running this unnamed statement text leaves session state (see `last_unnamed`).
+    fn unnamed_leaves_state(&mut self, query: &[u8]) -> bool {
+        match &self.last_unnamed {
+            Some((text, leaves)) if text[..] == *query => *leaves,
+            _ => {
+                let leaves = sql::leaves_session_state(query);
+                self.last_unnamed = Some((Bytes::copy_from_slice(query), leaves));
+                leaves
+            }
+        }
     }
 
     /// Whether the client's wishes changed in this transaction without the server session
@@ -411,7 +427,7 @@ impl Relay {
             b'P' | b'B' | b'D' | b'C' => {
                 self.unsynced = true;
                 if let Some(entry) = self.unnamed_passthrough(tag, raw) {
-                    if tag == b'P' && sql::leaves_session_state(unnamed_parse_query(raw)) {
+                    if tag == b'P' && self.unnamed_leaves_state(unnamed_parse_query(raw)) {
                         server.dirty = true;
                     }
                     // Unnamed statement or portal: nothing to rename, forward the bytes as is.
