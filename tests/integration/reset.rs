@@ -7,19 +7,13 @@
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use sluice_tests::harness::{ConfigBuilder, PgCluster, SluiceHandle};
+use sluice_tests::harness::{PgCluster, SluiceHandle};
 use tokio_postgres::types::Type;
 use tokio_postgres::Client;
 
-use crate::util::{simple_value, superuser};
+use crate::util::{one_connection, simple_value, superuser};
 
 const WAIT: Duration = Duration::from_secs(20);
-
-fn one_connection(pg: &PgCluster) -> ConfigBuilder {
-    ConfigBuilder::new(pg)
-        .pool_size(1)
-        .set_str("query_wait_timeout", "5s")
-}
 
 fn resets(sluice: &SluiceHandle) -> u64 {
     sluice

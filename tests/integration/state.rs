@@ -7,18 +7,11 @@ use std::time::Duration;
 
 use futures_util::SinkExt;
 use sluice_tests::harness::raw::frontend;
-use sluice_tests::harness::{ConfigBuilder, PgCluster, SluiceHandle};
+use sluice_tests::harness::{PgCluster, SluiceHandle};
 
-use crate::util::{fresh_table, raw_trusted};
+use crate::util::{fresh_table, one_connection, raw_trusted};
 
 const WAIT: Duration = Duration::from_secs(20);
-
-/// A pool of one, and a short queue wait so a pinned connection fails fast.
-fn one_connection(pg: &PgCluster) -> ConfigBuilder {
-    ConfigBuilder::new(pg)
-        .pool_size(1)
-        .set_str("query_wait_timeout", "5s")
-}
 
 async fn show(client: &tokio_postgres::Client, setting: &str) -> String {
     let row = tokio::time::timeout(WAIT, client.query_one(&format!("show {setting}"), &[]))

@@ -4,7 +4,9 @@
 
 use std::time::Duration;
 
-use sluice_tests::harness::{eventually, PgCluster, RawClient, SluiceHandle, SUPERUSER};
+use sluice_tests::harness::{
+    eventually, ConfigBuilder, PgCluster, RawClient, SluiceHandle, SUPERUSER,
+};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 use tokio_postgres::{AsyncMessage, Client, Config, NoTls, SimpleQueryMessage};
 
@@ -175,4 +177,12 @@ pub async fn assert_serves(sluice: &SluiceHandle) {
     let rows = raw.simple_rows("select 1").await.expect("select 1");
     assert_eq!(rows, vec![vec![Some("1".to_owned())]]);
     raw.terminate().await.expect("terminate");
+}
+
+/// A pool of one, so the next client gets the same server connection, and a short queue wait
+/// so a pinned connection fails fast.
+pub fn one_connection(pg: &PgCluster) -> ConfigBuilder {
+    ConfigBuilder::new(pg)
+        .pool_size(1)
+        .set_str("query_wait_timeout", "5s")
 }
