@@ -1,12 +1,14 @@
 //! Session state a client leaves on its server connection that Sluice does not replay (a role,
 //! `set_config`, LISTEN, advisory locks, temporary tables, SQL-level PREPARE, WITH HOLD
-//! cursors, SETs sent through the extended protocol) is reset with DISCARD ALL before the
-//! connection serves anyone else. Every test runs on a pool of one, so the next client gets
-//! the same server connection, and checks the backend is the same one: reset, not replaced.
+//! cursors) is reset with DISCARD ALL before the connection serves anyone else, while session
+//! SETs, simple or extended, follow their client. Every test runs on a pool of one, so the next
+//! client gets the same server connection; the reset tests check the backend is the same one:
+//! reset, not replaced.
 
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use sluice_tests::harness::raw::frontend;
 use sluice_tests::harness::{PgCluster, SluiceHandle};
 use tokio_postgres::types::Type;
 use tokio_postgres::Client;
@@ -179,13 +181,9 @@ async fn state_left_through_the_extended_protocol_is_reset() {
     .await
     .expect("unnamed");
     assert_eq!(value(&b, probe).await, "");
-    a.query_typed("set search_path = pg_catalog", &[])
-        .await
-        .expect("unnamed set");
-    assert_ne!(value(&b, "show search_path").await, "pg_catalog");
-    assert_eq!(resets(&sluice), 4);
+    assert_eq!(resets(&sluice), 3);
     // Sluice scans each distinct unnamed text once: the same text again is still seen.
-    for n in 5..7 {
+    for n in 4..6 {
         a.query_typed(
             "select set_config('app.tenant', $1, false)",
             &[(&"10", Type::TEXT)],
@@ -242,5 +240,114 @@ async fn only_leftover_state_is_reset_and_tracked_state_survives_it() {
         "the client's prepared statement"
     );
     drop(a);
+    sluice.shutdown().await;
+}
+
+/// A session SET sent through the extended protocol follows its client like a simple-query SET:
+/// tracked, re-applied on the client's next transactions, not seen by other clients, and
+/// without a reset. A SET that its batch or block rolls back is not kept.
+#[tokio::test(flavor = "multi_thread")]
+async fn extended_protocol_sets_follow_their_client() {
+    let pg = PgCluster::shared();
+    let sluice = SluiceHandle::start(one_connection(pg)).await;
+    let a = sluice.connect("app", "appdb").await;
+    let b = sluice.connect("app", "appdb").await;
+    let default_mem = value(&b, "show work_mem").await;
+    let default_path = value(&b, "show search_path").await;
+    // Unnamed (query_typed) and named (execute prepares a statement).
+    a.query_typed("set work_mem = '7MB'", &[])
+        .await
+        .expect("unnamed set");
+    a.execute("set search_path = pg_catalog, public", &[])
+        .await
+        .expect("named set");
+    assert_eq!(value(&b, "show work_mem").await, default_mem, "b");
+    assert_eq!(value(&b, "show search_path").await, default_path, "b");
+    assert_eq!(value(&a, "show work_mem").await, "7MB", "a, after b");
+    assert_eq!(
+        value(&a, "show search_path").await,
+        "pg_catalog, public",
+        "a, after b"
+    );
+    // Rolled back with its block: not kept.
+    a.batch_execute("begin").await.expect("begin");
+    a.query_typed("set work_mem = '9MB'", &[])
+        .await
+        .expect("set in block");
+    assert_eq!(value(&a, "show work_mem").await, "9MB", "inside the block");
+    a.batch_execute("rollback").await.expect("rollback");
+    assert_eq!(value(&b, "show work_mem").await, default_mem, "b");
+    assert_eq!(
+        value(&a, "show work_mem").await,
+        "7MB",
+        "a, after the rollback"
+    );
+    // Committed with its block: kept.
+    a.batch_execute("begin").await.expect("begin");
+    a.query_typed("set work_mem = '11MB'", &[])
+        .await
+        .expect("set in block");
+    a.batch_execute("commit").await.expect("commit");
+    assert_eq!(value(&b, "show work_mem").await, default_mem, "b");
+    assert_eq!(
+        value(&a, "show work_mem").await,
+        "11MB",
+        "a, after the commit"
+    );
+    assert_eq!(resets(&sluice), 0, "tracked, not reset");
+    drop((a, b));
+    sluice.shutdown().await;
+}
+
+/// A SET whose implicit transaction fails later in the same batch is rolled back by the server,
+/// and Sluice does not keep it for the client either.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_extended_set_in_a_failed_batch_is_not_kept() {
+    let pg = PgCluster::shared();
+    let sluice = SluiceHandle::start(one_connection(pg)).await;
+    let mut raw = crate::util::raw_trusted(&sluice, "appdb", &[]).await;
+    let default_mem = raw.simple_rows("show work_mem").await.expect("show");
+    let batch = [
+        frontend::parse("", "set work_mem = '13MB'", &[]),
+        frontend::bind("", "", &[]),
+        frontend::execute("", 0),
+        frontend::parse("", "select 1/0", &[]),
+        frontend::bind("", "", &[]),
+        frontend::execute("", 0),
+        frontend::sync(),
+    ]
+    .concat();
+    raw.send(&batch).await.expect("send");
+    let msgs = raw.recv_until_ready().await.expect("answers");
+    assert!(msgs.iter().any(|m| m.tag == b'E'), "division by zero");
+    assert_eq!(
+        raw.simple_rows("show work_mem").await.expect("show"),
+        default_mem
+    );
+    // Another client on the connection in between: what Sluice re-applies for this client
+    // next is what it keeps for it.
+    let mut other = crate::util::raw_trusted(&sluice, "appdb", &[]).await;
+    other.simple_rows("select 1").await.expect("other");
+    other.terminate().await.expect("terminate");
+    assert_eq!(
+        raw.simple_rows("show work_mem").await.expect("show"),
+        default_mem,
+        "after another client"
+    );
+    // The same SET alone is kept.
+    let batch = [
+        frontend::parse("", "set work_mem = '13MB'", &[]),
+        frontend::bind("", "", &[]),
+        frontend::execute("", 0),
+        frontend::sync(),
+    ]
+    .concat();
+    raw.send(&batch).await.expect("send");
+    raw.recv_until_ready().await.expect("answers");
+    assert_eq!(
+        raw.simple_rows("show work_mem").await.expect("show"),
+        vec![vec![Some("13MB".to_owned())]]
+    );
+    raw.terminate().await.expect("terminate");
     sluice.shutdown().await;
 }

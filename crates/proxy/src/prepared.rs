@@ -22,9 +22,11 @@ pub struct Statement {
     pub query: Bytes,
     /// Parameter type OIDs as the client gave them.
     pub param_types: Vec<u32>,
-    /// Running it may leave session state that Sluice resets afterwards
-    /// (`sluice_wire::sql::leaves_session_state`).
+    /// Running it leaves session state that Sluice does not track: the session is reset
+    /// afterwards (`sluice_wire::sql::leaves_session_state`).
     pub leaves_state: bool,
+    /// It is one session SET, which Sluice tracks for the client that runs it.
+    pub session_change: Option<crate::relay::SessionChange>,
     /// Set when the server said its cached plan is invalid: clients move to a fresh statement.
     stale: AtomicBool,
 }
@@ -66,12 +68,14 @@ impl Registry {
 
     fn fresh(&self, query: &Bytes, param_types: &[u32]) -> Arc<Statement> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
+        let (leaves_state, session_change) = crate::relay::scan_statement(query);
         Arc::new(Statement {
             id,
             server_name: Bytes::from(format!("__sluice_{id}")),
             query: query.clone(),
             param_types: param_types.to_vec(),
-            leaves_state: sluice_wire::sql::leaves_session_state(query),
+            leaves_state,
+            session_change,
             stale: AtomicBool::new(false),
         })
     }

@@ -70,6 +70,8 @@ enum Entry {
     },
     Execute {
         stmt: Option<Arc<Statement>>,
+        /// The session SET this Execute runs, applied for the client once it commits.
+        set: Option<SessionChange>,
     },
     Close {
         swallow: bool,
@@ -83,7 +85,8 @@ enum Entry {
     Sync,
 }
 
-/// A session-level SET/RESET seen in a simple query, applied when the query succeeds.
+/// A session-level SET/RESET a client ran as a statement of its own (simple query or extended
+/// protocol), applied for the client when it commits.
 #[derive(Debug, Clone)]
 pub enum SessionChange {
     /// `SET name = value`.
@@ -163,10 +166,24 @@ pub struct Relay {
     block_end: Option<bool>,
     /// The client's wishes changed without the server (a DISCARD ALL answered by Sluice).
     wishes_diverged: bool,
-    /// The text of this client's last unnamed Parse and whether it leaves session state: drivers
-    /// send the same text again and again, so the scan runs once per distinct text. Kept
-    /// across transactions.
-    last_unnamed: Option<(Bytes, bool)>,
+    /// This client's last unnamed Parse, scanned: drivers send the same text again and again,
+    /// so the scan runs once per distinct text. Kept across transactions.
+    last_unnamed: Option<UnnamedText>,
+    /// The session SET of the statement behind the last Bind, for the Executes that follow.
+    bound_change: Option<SessionChange>,
+    /// Session SETs run through the extended protocol since the last Sync, applied for the
+    /// client at the Sync's ReadyForQuery as a simple query's would be.
+    executed_changes: Vec<SessionChange>,
+}
+
+/// An unnamed statement's text and what running it does to the session.
+#[derive(Debug)]
+struct UnnamedText {
+    text: Bytes,
+    /// It leaves session state Sluice does not track: the session is reset afterwards.
+    leaves_state: bool,
+    /// It is one session SET that Sluice tracks for the client.
+    change: Option<SessionChange>,
 }
 
 /// Whole client messages kept back to back in one buffer: copying a batch's few hundred bytes
@@ -216,6 +233,8 @@ impl Relay {
         self.unsynced = false;
         self.skip_until_sync = false;
         self.last_bind = None;
+        self.bound_change = None;
+        self.executed_changes.clear();
         self.streaming = 0;
         self.streaming_swallow = false;
         self.copy_in = false;
@@ -235,14 +254,19 @@ impl Relay {
         self.wishes_diverged = false;
     }
 
-    /// Whether running this unnamed statement text leaves session state (see `last_unnamed`).
+    /// Scans an unnamed statement's text (see `last_unnamed`); true if it leaves session state
+    /// that Sluice does not track.
     fn unnamed_leaves_state(&mut self, query: &[u8]) -> bool {
         match &self.last_unnamed {
-            Some((text, leaves)) if text[..] == *query => *leaves,
+            Some(u) if u.text[..] == *query => u.leaves_state,
             _ => {
-                let leaves = sql::leaves_session_state(query);
-                self.last_unnamed = Some((Bytes::copy_from_slice(query), leaves));
-                leaves
+                let (leaves_state, change) = scan_statement(query);
+                self.last_unnamed = Some(UnnamedText {
+                    text: Bytes::copy_from_slice(query),
+                    leaves_state,
+                    change,
+                });
+                leaves_state
             }
         }
     }
@@ -370,7 +394,10 @@ impl Relay {
                         stmt: None,
                         at: usize::MAX,
                     });
-                    self.queue.push_back(Entry::Execute { stmt: None });
+                    self.queue.push_back(Entry::Execute {
+                        stmt: None,
+                        set: None,
+                    });
                 }
                 to_server.extend_from_slice(raw);
                 // In copy-in mode the server ignores a Sync (see the CopyInResponse handling).
@@ -453,6 +480,7 @@ impl Relay {
                 to_server.extend_from_slice(raw);
                 self.queue.push_back(Entry::Execute {
                     stmt: self.last_bind.clone(),
+                    set: self.bound_change.clone(),
                 });
             }
             b'H' => {
@@ -573,6 +601,17 @@ fn may_be_session_command(text: &[u8]) -> bool {
     [&b"set"[..], b"reset", b"deallocate", b"discard"]
         .iter()
         .any(|k| first.eq_ignore_ascii_case(k))
+}
+
+/// What running a statement's text does to the session: whether it leaves state that Sluice
+/// does not track (the session is reset afterwards), and the session SET Sluice tracks for the
+/// client instead, if it is one.
+pub(crate) fn scan_statement(text: &[u8]) -> (bool, Option<SessionChange>) {
+    let change = may_be_session_command(text)
+        .then(|| std::str::from_utf8(text).ok().and_then(session_change))
+        .flatten();
+    let leaves_state = change.is_none() && sql::leaves_session_state(text);
+    (leaves_state, change)
 }
 
 fn session_change(text: &str) -> Option<SessionChange> {

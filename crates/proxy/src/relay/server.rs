@@ -144,8 +144,11 @@ impl Relay {
                         _ => {}
                     }
                 }
-                if matches!(self.queue.front(), Some(Entry::Execute { .. })) {
+                if let Some(Entry::Execute { set, .. }) = self.queue.front_mut() {
                     self.executed = true;
+                    if let Some(change) = set.take() {
+                        self.executed_changes.push(change);
+                    }
                 }
                 self.pop_if(|e| matches!(e, Entry::Execute { .. }));
             }
@@ -164,6 +167,8 @@ impl Relay {
             b'E' => {
                 ev.error = true;
                 self.copy_in = false;
+                // The failed implicit transaction or block takes its SETs with it.
+                self.executed_changes.clear();
                 if let Ok(f) = backend::decode_error_fields(body) {
                     if matches!(
                         f.severity,
@@ -191,6 +196,19 @@ impl Relay {
                         for change in changes {
                             apply_change(change, client.params, server);
                         }
+                    }
+                }
+                if !self.executed_changes.is_empty() {
+                    let changes = std::mem::take(&mut self.executed_changes);
+                    match server.status {
+                        TransactionStatus::Idle if self.block_end != Some(false) => {
+                            for change in changes {
+                                apply_change(change, client.params, server);
+                            }
+                        }
+                        // Inside a transaction block: kept only if it commits.
+                        TransactionStatus::InBlock => self.pending_changes.extend(changes),
+                        _ => {}
                     }
                 }
                 if server.status == TransactionStatus::Idle {
@@ -411,7 +429,7 @@ impl Relay {
         let stmt = self.queue.iter().find_map(|e| match e {
             Entry::Bind { stmt: Some(s), .. }
             | Entry::Describe { stmt: Some(s), .. }
-            | Entry::Execute { stmt: Some(s) } => Some(s.clone()),
+            | Entry::Execute { stmt: Some(s), .. } => Some(s.clone()),
             _ => None,
         });
         if let Some(s) = stmt {

@@ -20,6 +20,7 @@ impl Relay {
                     return None;
                 }
                 self.last_bind = None;
+                self.bound_change = self.last_unnamed.as_ref().and_then(|u| u.change.clone());
                 let at = self.batch.len().saturating_sub(1);
                 Some(Entry::Bind { stmt: None, at })
             }
@@ -152,6 +153,7 @@ impl Relay {
                 }
                 self.ensure_prepared(&stmt, server, to_server);
                 server.dirty |= stmt.leaves_state;
+                self.bound_change = stmt.session_change.clone();
                 frontend::encode_bind_renamed(to_server, &portal, &stmt.server_name, &rest);
                 self.last_bind = Some(stmt.clone());
                 let at = self.batch.len().saturating_sub(1);
