@@ -704,14 +704,8 @@ impl Session {
         }
         let shared = self.shared.clone();
         self.shared.tracker.spawn(async move {
-            if guard.status != TransactionStatus::Idle {
-                let mut out = BytesMut::new();
-                frontend::encode_query(&mut out, "ROLLBACK");
-                let ok = tokio::time::timeout(Duration::from_secs(5), run_simple(&mut guard, &out))
-                    .await;
-                if !matches!(ok, Ok(Ok(_))) || guard.status != TransactionStatus::Idle {
-                    guard.broken = true;
-                }
+            if guard.status != TransactionStatus::Idle && !housekeep(&mut guard, "ROLLBACK").await {
+                guard.broken = true;
             }
             if guard.dirty && !guard.broken {
                 reset_session(&mut guard, &shared).await;
@@ -721,13 +715,19 @@ impl Session {
     }
 }
 
+/// Runs one of Sluice's own queries on a server connection nobody holds (ROLLBACK, DISCARD ALL),
+/// bounded in time: true if it succeeded and left the session idle.
+async fn housekeep(server: &mut ServerConn, sql: &str) -> bool {
+    let mut out = BytesMut::new();
+    frontend::encode_query(&mut out, sql);
+    let done = tokio::time::timeout(Duration::from_secs(5), run_simple(server, &out)).await;
+    matches!(done, Ok(Ok(_))) && server.status == TransactionStatus::Idle
+}
+
 /// Resets a server session a client left state on (`ServerConn::dirty`) with `DISCARD ALL`,
 /// so the next client finds it as new; the connection is closed instead if that fails.
 async fn reset_session(server: &mut ServerConn, shared: &Shared) {
-    let mut out = BytesMut::new();
-    frontend::encode_query(&mut out, "DISCARD ALL");
-    let done = tokio::time::timeout(Duration::from_secs(5), run_simple(server, &out)).await;
-    if matches!(done, Ok(Ok(_))) && server.status == TransactionStatus::Idle {
+    if housekeep(server, "DISCARD ALL").await {
         server.forget_session_state();
         shared.stats.server_resets.fetch_add(1, Ordering::Relaxed);
         debug!(server.pid = server.pid, "server session reset");
