@@ -1,8 +1,10 @@
 //! Limits and timeouts: query_wait_timeout, max_client_conn, client_idle_timeout,
-//! idle_transaction_timeout, server_connect_timeout and max_db_connections.
+//! idle_transaction_timeout, client_login_timeout, server_connect_timeout and
+//! max_db_connections.
 
 use std::time::{Duration, Instant};
 
+use sluice_tests::harness::raw::frontend;
 use sluice_tests::harness::{eventually, free_port, ConfigBuilder, PgCluster, SluiceHandle};
 use tokio::net::TcpListener;
 
@@ -82,6 +84,41 @@ async fn client_idle_timeout_closes_idle_client() {
         seen.iter().all(|m| m.tag == b'E' || m.tag == b'N'),
         "only an error/notice before closing: {seen:?}"
     );
+    sluice.shutdown().await;
+}
+
+/// Clients that stall before or during authentication are cut off at client_login_timeout with
+/// 08P01; a client that logged in in time is not, and its alarm never fires.
+#[tokio::test(flavor = "multi_thread")]
+async fn client_login_timeout_cuts_stalled_logins() {
+    let pg = PgCluster::shared();
+    let sluice =
+        SluiceHandle::start(ConfigBuilder::new(pg).set("client_login_timeout", "0.3")).await;
+    let before = Instant::now();
+    let on_time = sluice.connect("app", "appdb").await;
+    // Half a startup packet.
+    let mut half = sluice.raw().await;
+    half.send(&frontend::startup("trusted", "appdb", &[])[..6])
+        .await
+        .expect("send half a startup packet");
+    // A startup packet, and no answer to the password request.
+    let mut mute = sluice.raw().await;
+    mute.startup("app", "appdb", &[]).await.expect("startup");
+
+    for (what, raw) in [("half startup", &mut half), ("no password", &mut mute)] {
+        let seen = raw.expect_closed(SETTLE).await.expect(what);
+        let err = seen
+            .iter()
+            .find(|m| m.tag == b'E')
+            .unwrap_or_else(|| panic!("{what}: no error before closing: {seen:?}"));
+        assert_eq!(err.sqlstate().as_deref(), Some("08P01"), "{what}: {err:?}");
+        let msg = err.message().unwrap_or_default();
+        assert!(msg.contains("client_login_timeout"), "{what}: {msg}");
+    }
+    // Cut no earlier than the deadline, counted from each client's connect.
+    assert!(before.elapsed() >= Duration::from_millis(300));
+    // Logged in on time: still served, past its own deadline.
+    assert_eq!(simple_value(&on_time, "select 1").await, "1");
     sluice.shutdown().await;
 }
 

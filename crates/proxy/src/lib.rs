@@ -5,6 +5,7 @@
 //! integration tests drive it the same way.
 
 pub mod admin;
+pub mod alarms;
 pub mod auth;
 pub mod cancel;
 pub mod clients;
@@ -445,6 +446,7 @@ async fn maintenance(shared: Arc<Shared>) {
         if shared.shutdown.is_cancelled() && shared.clients.is_empty() {
             return;
         }
+        shared.alarms.fire_due(std::time::Instant::now());
         if n.is_multiple_of(10) {
             shared.pools.maintain();
         }

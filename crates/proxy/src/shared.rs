@@ -14,6 +14,7 @@ use tokio_util::task::TaskTracker;
 use sluice_config::Config;
 use sluice_policy::Policy;
 
+use crate::alarms::Alarms;
 use crate::cancel::CancelMap;
 use crate::clients::Clients;
 use crate::pools::PoolSet;
@@ -42,6 +43,8 @@ pub struct Shared {
     pub shutdown: CancellationToken,
     /// Close everything now (shutdown deadline passed).
     pub hard_stop: CancellationToken,
+    /// Deadlines that may fire a tick late (`client_login_timeout`).
+    pub alarms: Alarms,
     /// Every task, for draining.
     pub tracker: TaskTracker,
     /// Key for mock SCRAM salts of unknown users.
@@ -82,6 +85,7 @@ impl Shared {
             rates: Rates::default(),
             shutdown: CancellationToken::new(),
             hard_stop: CancellationToken::new(),
+            alarms: Alarms::default(),
             tracker: TaskTracker::new(),
             mock_key,
             started: Instant::now(),

@@ -24,6 +24,7 @@ use sluice_wire::frontend;
 use sluice_wire::startup::StartupPacket;
 use sluice_wire::{ErrorFields, Severity, SqlState};
 
+use crate::alarms::Alarm;
 use crate::auth::{self, Outcome as AuthOutcome};
 use crate::cancel::CancelTarget;
 use crate::clients::{ClientInfo, ClientState, Counted};
@@ -88,37 +89,38 @@ impl std::fmt::Display for End {
     }
 }
 
+/// The [`End::Timeout`] of a login that took longer than `client_login_timeout`.
+const LOGIN_TIMEOUT: &str = "client_login_timeout";
+
 /// Runs one client connection to the end.
 pub async fn run(shared: Arc<Shared>, stream: Stream, peer: Option<SocketAddr>) {
     let mut io = ClientIo::new(stream);
     let start = Instant::now();
-    let login_timeout = shared.config().sluice.client_login_timeout;
+    // Off tokio's timer wheel: see crate::alarms.
+    let alarm = (shared.config().sluice.client_login_timeout).map(|t| shared.alarms.arm(start + t));
     let hard_stop = shared.hard_stop.clone();
     // No tracing span per client: creating one (its fields formatted up front) cost a tenth
     // of a login, and entering it on every poll more than the relay itself. Session events
     // name the client, peer, user and database in their own fields instead.
     // Boxed: the login's state is large and only lives until login ends; moved around by
-    // value (into the timeout, through the task's stages) it cost more than the allocation.
+    // value (through the task's stages) it cost more than the allocation.
     let login = Box::pin(async {
         tokio::select! {
+            biased;
             r = startup(&shared, &mut io, peer) => r,
             _ = hard_stop.cancelled() => Err(End::Terminated),
+            () = Alarm::wait(alarm.as_deref()) => Err(End::Timeout(LOGIN_TIMEOUT)),
         }
     });
-    let startup = match login_timeout {
-        Some(t) => match tokio::time::timeout(t, login).await {
-            Ok(r) => r,
-            Err(_) => {
-                io.send_error(&ErrorFields::fatal(
-                    SqlState::PROTOCOL_VIOLATION,
-                    "client_login_timeout: login not completed in time",
-                ))
-                .await;
-                Err(End::Timeout("client_login_timeout"))
-            }
-        },
-        None => login.await,
-    };
+    let startup = login.await;
+    drop(alarm);
+    if let Err(End::Timeout(LOGIN_TIMEOUT)) = startup {
+        io.send_error(&ErrorFields::fatal(
+            SqlState::PROTOCOL_VIOLATION,
+            "client_login_timeout: login not completed in time",
+        ))
+        .await;
+    }
     let session = match startup {
         Ok(Some(Login::Client(s))) => s,
         Ok(Some(Login::Admin(a))) => {
