@@ -5,6 +5,7 @@
 //! connections and per-client keys. A [`Guard`] returns its connection on drop, or closes it when
 //! the connection says it is not reusable. Nothing here knows about SQL or WebAssembly.
 
+pub mod clock;
 pub mod limit;
 mod pool;
 pub mod sched;

@@ -104,17 +104,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     };
     // One worker runs everything on the main thread, like PgBouncer: the cheapest per
     // transaction when PostgreSQL shares the machine. More workers scale across cores.
-    let rt = if workers == 1 {
+    let mut builder = if workers == 1 {
         tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
     } else {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(workers)
-            .enable_all()
-            .build()
-    }
-    .context("starting the runtime")?;
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(workers);
+        b
+    };
+    // One clock read per wake-up for the session's and the pool's timestamps.
+    builder.enable_all().on_thread_unpark(sluice_pool::clock::on_unpark);
+    let rt = builder.build().context("starting the runtime")?;
     rt.block_on(serve(cfg, policy))
 }
 

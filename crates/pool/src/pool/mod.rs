@@ -19,10 +19,7 @@ use crate::limit::{Hungry, Permit, SharedLimit};
 use crate::sched::{ClassOverride, ClassSnapshot, ClassSpec, Grant, Scheduler, Ticket};
 use crate::stats::{Histogram, PoolStats};
 
-/// The pool's clock: tokio's, so tests with a paused clock see consistent times.
-fn now() -> Instant {
-    tokio::time::Instant::now().into_std()
-}
+use crate::clock::now;
 
 /// A boxed future, as returned by [`Connector::connect`].
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;

@@ -18,7 +18,7 @@ use sluice_policy::{
     ClientFacts, CompletionFacts, ConnectDecision, Hook, Outcome, TransactionDecision,
     TransactionFacts,
 };
-use sluice_pool::{CheckoutError, Guard, KeyLimit, Ticket};
+use sluice_pool::{clock, CheckoutError, Guard, KeyLimit, Ticket};
 use sluice_wire::backend::{self, TransactionStatus};
 use sluice_wire::frontend;
 use sluice_wire::startup::StartupPacket;
@@ -617,7 +617,7 @@ impl Session {
             Err(f) => return self.refuse_batch(io, f).await,
         };
         let waited = guard.waited;
-        let started = Instant::now();
+        let started = clock::now();
         self.cancel.attach(guard.cancel_target());
         let result = self.relay(io, &mut guard, timeout_ms).await;
         self.cancel.detach();
@@ -638,7 +638,7 @@ impl Session {
                 .queries
                 .fetch_add(r.queries, Ordering::Relaxed);
         }
-        let took = started.elapsed();
+        let took = clock::now().saturating_duration_since(started);
         if policy.wants(Hook::Complete) {
             policy.on_complete(&CompletionFacts {
                 cookies: &self.admitted.cookies,
