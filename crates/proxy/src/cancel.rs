@@ -115,7 +115,7 @@ impl CancelTarget {
 /// All clients' cancel keys.
 #[derive(Debug, Default)]
 pub struct CancelMap {
-    map: DashMap<u32, Arc<CancelTarget>>,
+    map: DashMap<u32, Arc<CancelTarget>, foldhash::fast::RandomState>,
 }
 
 impl CancelMap {

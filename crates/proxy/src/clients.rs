@@ -169,7 +169,7 @@ impl ClientInfo {
 /// All clients and their counters.
 #[derive(Default)]
 pub struct Clients {
-    by_id: DashMap<u64, Arc<ClientInfo>>,
+    by_id: DashMap<u64, Arc<ClientInfo>, RandomState>,
     counts: Mutex<Counts>,
     left: tokio::sync::Notify,
 }

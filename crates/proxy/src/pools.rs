@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use dashmap::DashMap;
+use foldhash::fast::RandomState;
 use parking_lot::{Mutex, RwLock};
 
 use sluice_config::{Config, Secret};
@@ -82,10 +83,10 @@ impl PoolEntry {
 /// All pools.
 #[derive(Default)]
 pub struct PoolSet {
-    pools: DashMap<(String, String), Arc<PoolEntry>>,
-    db_limits: DashMap<String, Arc<SharedLimit>>,
-    user_limits: DashMap<String, Arc<SharedLimit>>,
-    keys: DashMap<String, Arc<KeyCache>>,
+    pools: DashMap<(String, String), Arc<PoolEntry>, RandomState>,
+    db_limits: DashMap<String, Arc<SharedLimit>, RandomState>,
+    user_limits: DashMap<String, Arc<SharedLimit>, RandomState>,
+    keys: DashMap<String, Arc<KeyCache>, RandomState>,
 }
 
 /// The scheduling classes of a config, in config order.
