@@ -112,7 +112,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         b
     };
     // One clock read per wake-up for the session's and the pool's timestamps.
-    builder.enable_all().on_thread_unpark(sluice_pool::clock::on_unpark);
+    builder
+        .enable_all()
+        .on_thread_unpark(sluice_pool::clock::on_unpark);
     let rt = builder.build().context("starting the runtime")?;
     rt.block_on(serve(cfg, policy))
 }
