@@ -96,8 +96,12 @@ const LOGIN_TIMEOUT: &str = "client_login_timeout";
 pub async fn run(shared: Arc<Shared>, stream: Stream, peer: Option<SocketAddr>) {
     let mut io = ClientIo::new(stream);
     let start = Instant::now();
-    // Off tokio's timer wheel: see crate::alarms.
-    let alarm = (shared.config().sluice.client_login_timeout).map(|t| shared.alarms.arm(start + t));
+    // Off tokio's timer wheel (see crate::alarms). The config caps durations at 365 days.
+    let alarm = shared
+        .config()
+        .sluice
+        .client_login_timeout
+        .map(|t| shared.alarms.arm(start + t));
     let hard_stop = shared.hard_stop.clone();
     // No tracing span per client: creating one (its fields formatted up front) cost a tenth
     // of a login, and entering it on every poll more than the relay itself. Session events
