@@ -565,3 +565,135 @@ async fn a_client_refused_after_admission_still_gets_on_disconnect() {
     wait_for(2.0, 2.0).await;
     sluice.shutdown().await;
 }
+
+/// A counter of the `probe` plugin, read through a client: the probe rejects
+/// `probe:count KEY` with the message `KEY=VALUE`.
+async fn probe_count(client: &tokio_postgres::Client, key: &str) -> i64 {
+    let err = match client.simple_query(&format!("probe:count {key}")).await {
+        Ok(_) => panic!("the probe must answer `probe:count {key}` with an error"),
+        Err(e) => e,
+    };
+    let db = err
+        .as_db_error()
+        .unwrap_or_else(|| panic!("probe:count {key}: {err}"));
+    assert_eq!(db.code().code(), "P0001", "{}", db.message());
+    let value = db
+        .message()
+        .strip_prefix(&format!("{key}="))
+        .unwrap_or_else(|| panic!("probe:count {key} answered {:?}", db.message()));
+    value.parse().expect("a counter value")
+}
+
+/// `on-complete` hears how each transaction ended: COMMIT and implicit transactions are
+/// `committed`, the client's ROLLBACK or ABORT is `rolled-back`, and a transaction in which a
+/// statement failed is `failed` however it ended (a COMMIT of a failed block rolls back too).
+/// ROLLBACK TO SAVEPOINT does not end the transaction.
+#[tokio::test(flavor = "multi_thread")]
+async fn on_complete_reports_how_each_transaction_ended() {
+    use sluice_tests::harness::ops::plugin_toml_at;
+    let pg = PgCluster::shared();
+    let probe = sluice_policy::testing::test_plugin_path("probe");
+    let b = base(pg)
+        .append(RELAXED_POLICY)
+        .append(&plugin_toml_at("probe", &probe, "closed", &[]));
+    let sluice = SluiceHandle::start(b).await;
+    let c = sluice.connect("app", "appdb").await;
+    let cases: [(&str, &[&str], [i64; 3]); 7] = [
+        ("implicit", &["select 1"], [1, 0, 0]),
+        ("commit", &["begin", "select 1", "commit"], [2, 0, 0]),
+        ("rollback", &["begin", "select 1", "rollback"], [2, 1, 0]),
+        ("abort", &["begin", "abort"], [2, 2, 0]),
+        (
+            "savepoint",
+            &[
+                "begin",
+                "savepoint s",
+                "select 1",
+                "rollback to savepoint s",
+                "commit",
+            ],
+            [3, 2, 0],
+        ),
+        (
+            "failed, rolled back",
+            &["begin", "select 1/0", "rollback"],
+            [3, 2, 1],
+        ),
+        (
+            "failed, committed",
+            &["begin", "select 1/0", "commit"],
+            [3, 2, 2],
+        ),
+    ];
+    for (name, statements, [committed, rolled_back, failed]) in cases {
+        for sql in statements {
+            // Errors are part of the cases; the counters say how each transaction ended.
+            let _ = c.simple_query(sql).await;
+        }
+        let seen = [
+            probe_count(&c, "outcome:committed").await,
+            probe_count(&c, "outcome:rolled-back").await,
+            probe_count(&c, "outcome:failed").await,
+        ];
+        assert_eq!(
+            seen,
+            [committed, rolled_back, failed],
+            "after the {name} case: [committed, rolled-back, failed]"
+        );
+    }
+    assert_eq!(probe_count(&c, "outcome:aborted").await, 0);
+    drop(c);
+    sluice.shutdown().await;
+}
+
+/// A transaction that starts with the Bind of a prepared statement is judged by that
+/// statement's text and kind, and a Parse later in the same transaction goes through
+/// `on-query` like any later statement.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_transaction_starting_with_bind_is_judged_by_its_statement() {
+    use sluice_tests::harness::ops::plugin_toml_at;
+    let pg = PgCluster::shared();
+    let probe = sluice_policy::testing::test_plugin_path("probe");
+    let b = base(pg)
+        .append(RELAXED_POLICY)
+        .append(&plugin_toml_at("probe", &probe, "closed", &[]));
+    let sluice = SluiceHandle::start(b).await;
+    let c = sluice.connect("app", "appdb").await;
+    // Parse, Describe, Sync: a transaction that starts with the Parse.
+    let begin = c.prepare("BEGIN").await.expect("prepare BEGIN");
+    assert_eq!(probe_count(&c, "tx-query:begin:BEGIN").await, 1);
+    // Bind, Execute, Sync: a transaction that starts with the Bind.
+    c.execute(&begin, &[]).await.expect("execute BEGIN");
+    // Inside the block that Bind opened, a Parse is the transaction's second statement.
+    let err = c
+        .execute("select 'probe:deny'", &[])
+        .await
+        .expect_err("on-query judges a Parse later in the transaction");
+    assert_eq!(
+        sqlstate(&err).as_deref(),
+        Some("42501"),
+        "{}",
+        db_error_text(&err)
+    );
+    // As if the statement had failed on the server: the block is aborted.
+    let err = c
+        .simple_query("select 1")
+        .await
+        .expect_err("the refused statement aborted the block");
+    assert_eq!(sqlstate(&err).as_deref(), Some("25P02"));
+    c.simple_query("rollback").await.expect("rollback");
+    // Outside the block again, the probe's counters can be read.
+    assert_eq!(
+        probe_count(&c, "tx-query:begin:BEGIN").await,
+        2,
+        "on-transaction saw the bound statement"
+    );
+    assert_eq!(probe_count(&c, "tx-query:other:").await, 0);
+    assert_eq!(probe_count(&c, "query:begin:BEGIN").await, 2);
+    let sel = c.prepare("select 41 + 1").await.expect("prepare select");
+    let row = c.query_one(&sel, &[]).await.expect("bound select");
+    assert_eq!(row.get::<_, i32>(0), 42);
+    assert_eq!(probe_count(&c, "tx-query:select:select 41 + 1").await, 2);
+    drop(c);
+    sluice.shutdown().await;
+}

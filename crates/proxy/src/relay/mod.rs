@@ -134,6 +134,8 @@ pub struct Relay {
     copy_in: bool,
     /// A statement in this transaction failed.
     pub saw_error: bool,
+    /// The last transaction to end here ended with ROLLBACK (or ABORT).
+    pub rolled_back: bool,
     /// Messages forwarded to the server in this transaction (for stats).
     pub queries: u64,
     /// A client message was handled: the transaction has begun.
@@ -239,6 +241,7 @@ impl Relay {
         self.streaming_swallow = false;
         self.copy_in = false;
         self.saw_error = false;
+        self.rolled_back = false;
         self.queries = 0;
         self.started = false;
         self.batch_start = None;

@@ -212,6 +212,7 @@ impl Relay {
                     }
                 }
                 if server.status == TransactionStatus::Idle {
+                    self.rolled_back = self.block_end == Some(false);
                     self.block_end = None;
                 }
                 match self.queue.pop_front() {

@@ -495,30 +495,32 @@ impl Session {
     }
 
     /// The first statement of a new transaction, for policies.
-    fn first_statement(&self, io: &ClientIo) -> String {
-        let Ok(Some(h)) = frontend::peek_header(&io.rbuf) else {
-            return String::new();
-        };
+    /// The statement a client message carries, for the policy: a Query's text, the statement a
+    /// Parse prepares or the one a Bind runs, capped at `max_query_len` bytes on a character
+    /// boundary. Empty for other messages, and for a Bind of a name the client never prepared.
+    fn statement_text(&self, raw: &[u8], tag: u8) -> String {
         let cap = self.shared.config().policy.max_query_len as usize;
-        let total = h.total_len().min(io.rbuf.len());
-        let body = &io.rbuf[5.min(total)..total];
-        let text = match h.tag {
+        let body = raw.get(5..).unwrap_or_default();
+        // A C string's bytes, and what follows its terminator.
+        let split_cstr = |b: &[u8]| -> (usize, usize) {
+            b.iter()
+                .position(|c| *c == 0)
+                .map_or((b.len(), b.len()), |p| (p, p + 1))
+        };
+        let bound;
+        let text = match tag {
             b'Q' => body,
-            b'P' => {
-                // Parse: name\0 query\0 ...
-                let name_end = body
-                    .iter()
-                    .position(|b| *b == 0)
-                    .map_or(body.len(), |p| p + 1);
-                &body[name_end.min(body.len())..]
+            // Parse: statement name, then the query.
+            b'P' => &body[split_cstr(body).1..],
+            // Bind: portal name, then statement name.
+            b'B' => {
+                let rest = &body[split_cstr(body).1..];
+                bound = self.statements.resolve(&rest[..split_cstr(rest).0]);
+                bound.as_ref().map_or(&[][..], |s| &s.query[..])
             }
             _ => &[][..],
         };
-        let end = text
-            .iter()
-            .position(|b| *b == 0)
-            .unwrap_or(text.len())
-            .min(cap);
+        let end = split_cstr(text).0.min(cap);
         let mut s = String::from_utf8_lossy(&text[..end]).into_owned();
         while s.len() > cap {
             s.pop();
@@ -559,7 +561,14 @@ impl Session {
         let mut priority = None;
         let mut timeout_ms = None;
         if policy.wants(Hook::Transaction) || policy.wants(Hook::Query) {
-            let query = self.first_statement(io);
+            // The first message, whole or not yet: a long one is judged by its first bytes.
+            let query = match frontend::peek_header(&io.rbuf) {
+                Ok(Some(h)) => {
+                    let seen = h.total_len().min(io.rbuf.len());
+                    self.statement_text(&io.rbuf[..seen], h.tag)
+                }
+                _ => String::new(),
+            };
             let kind = sluice_policy::statement_kind(&query);
             let (size, active, idle, waiting) = self.pool.pool.load();
             let facts = TransactionFacts {
@@ -633,6 +642,7 @@ impl Session {
             .fetch_add(1, Ordering::Relaxed);
         let outcome = match &result {
             Ok(r) if r.saw_error => Outcome::Failed,
+            Ok(r) if r.rolled_back => Outcome::RolledBack,
             Ok(_) => Outcome::Committed,
             Err(_) => Outcome::Aborted,
         };

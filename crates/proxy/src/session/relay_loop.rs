@@ -65,7 +65,8 @@ impl Session {
         tokio::pin!(killed);
         // Created once per transaction, and only when the timeout is set.
         let mut idle_timer = idle_tx.map(|t| Box::pin(tokio::time::sleep(t)));
-        let mut statements = 0u32;
+        // The transaction's first message was judged before checkout; later statements here.
+        let mut first_message = true;
         // The client sent Terminate after messages still to be answered: the server finishes
         // them for nobody, as PostgreSQL would (a pipelined COMMIT commits).
         let mut client_left = false;
@@ -105,16 +106,15 @@ impl Session {
                 }
                 let total = header.total_len();
                 let status = server.status;
-                if matches!(header.tag, b'Q' | b'P') {
-                    statements += 1;
-                    // The first statement was judged before checkout; later ones here.
-                    if statements > 1 && self.shared.policy.wants(Hook::Query) {
-                        if let Some(r) = self.judge_statement(&io.rbuf[..total], header.tag, status)
-                        {
-                            relay.reject_statement(header.tag, r, &mut to_server);
-                            io.rbuf.advance(total);
-                            continue;
-                        }
+                let judged = std::mem::replace(&mut first_message, false);
+                if matches!(header.tag, b'Q' | b'P')
+                    && !judged
+                    && self.shared.policy.wants(Hook::Query)
+                {
+                    if let Some(r) = self.judge_statement(&io.rbuf[..total], header.tag, status) {
+                        relay.reject_statement(header.tag, r, &mut to_server);
+                        io.rbuf.advance(total);
+                        continue;
                     }
                 }
                 server.quiet = false;
@@ -293,24 +293,7 @@ impl Session {
         tag: u8,
         status: TransactionStatus,
     ) -> Option<ErrorFields> {
-        let cap = self.shared.config().policy.max_query_len as usize;
-        let body = raw.get(5..).unwrap_or_default();
-        let text = match tag {
-            b'P' => {
-                let name_end = body
-                    .iter()
-                    .position(|b| *b == 0)
-                    .map_or(body.len(), |p| p + 1);
-                &body[name_end.min(body.len())..]
-            }
-            _ => body,
-        };
-        let end = text
-            .iter()
-            .position(|b| *b == 0)
-            .unwrap_or(text.len())
-            .min(cap);
-        let query = String::from_utf8_lossy(&text[..end]);
+        let query = self.statement_text(raw, tag);
         let (size, active, idle, waiting) = self.pool.pool.load();
         let facts = TransactionFacts {
             cookies: &self.admitted.cookies,

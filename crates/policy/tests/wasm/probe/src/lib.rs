@@ -11,13 +11,19 @@
 //! - `inits`: instances built (`init` ran), including the load-time smoke test;
 //! - `admitted`, `disconnected`, and `open` (admitted minus disconnected);
 //! - `tx:T:N`, `complete:T:N`, `disconnect:T:N`: a hook got cookie `T << 32 | N`;
-//! - `zero`: a hook after on-connect got cookie 0; `foreign`: it got a cookie of another tag.
+//! - `zero`: a hook after on-connect got cookie 0; `foreign`: it got a cookie of another tag;
+//! - `outcome:O`: on-complete got outcome O (`committed`, `rolled-back`, `failed`, `aborted`);
+//! - `tx-query:KIND:TEXT` and `query:KIND:TEXT`: on-transaction or on-query got that statement.
 //!
 //! on-transaction by query text: "invalid" returns a malformed SQLSTATE (an invalid decision),
-//! "trap" panics, anything else proceeds.
+//! "trap" panics, "probe:count KEY" rejects with P0001 and the message "KEY=VALUE" (how an
+//! integration test reads a counter through a client), anything else proceeds.
+//!
+//! on-query rejects with 42501 any statement containing "probe:deny", and proceeds otherwise.
 
 use sluice_policy_sdk::{
-    self as sdk, ClientFacts, CompletionFacts, ConnectDecision, Hooks, Policy, TxDecision, TxFacts,
+    self as sdk, ClientFacts, CompletionFacts, ConnectDecision, Hooks, Outcome, Policy, TxDecision,
+    TxFacts,
 };
 
 struct Probe {
@@ -41,9 +47,18 @@ impl Probe {
     }
 }
 
+/// The statement kind as WIT spells it: "select", "ddl", "other"...
+fn kind(facts: &TxFacts) -> String {
+    let debug = format!("{:?}", facts.kind);
+    debug
+        .trim_start_matches("StatementKind::")
+        .to_ascii_lowercase()
+}
+
 impl Policy for Probe {
     const HOOKS: Hooks = Hooks::CONNECT
         .union(Hooks::TRANSACTION)
+        .union(Hooks::QUERY)
         .union(Hooks::COMPLETE)
         .union(Hooks::DISCONNECT);
 
@@ -77,6 +92,10 @@ impl Policy for Probe {
 
     fn on_transaction(&self, facts: &TxFacts) -> TxDecision {
         self.saw("tx", facts.cookie);
+        sdk::counter_add(&format!("tx-query:{}:{}", kind(facts), facts.query), 1);
+        if let Some(key) = facts.query.strip_prefix("probe:count ") {
+            return sdk::reject_tx("P0001", format!("{key}={}", sdk::counter_get(key)));
+        }
         match facts.query.as_str() {
             "invalid" => sdk::reject_tx("bad", "not a SQLSTATE"),
             "trap" => panic!("probe {} traps in on-transaction", self.tag),
@@ -84,8 +103,23 @@ impl Policy for Probe {
         }
     }
 
+    fn on_query(&self, facts: &TxFacts) -> TxDecision {
+        sdk::counter_add(&format!("query:{}:{}", kind(facts), facts.query), 1);
+        if facts.query.contains("probe:deny") {
+            return sdk::reject_tx("42501", format!("probe {} denies", self.tag));
+        }
+        sdk::proceed()
+    }
+
     fn on_complete(&self, facts: &CompletionFacts) {
         self.saw("complete", facts.cookie);
+        let outcome = match facts.outcome {
+            Outcome::Committed => "committed",
+            Outcome::RolledBack => "rolled-back",
+            Outcome::Failed => "failed",
+            Outcome::Aborted => "aborted",
+        };
+        sdk::counter_add(&format!("outcome:{outcome}"), 1);
     }
 
     fn on_disconnect(&self, cookie: u64) {
