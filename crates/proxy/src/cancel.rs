@@ -3,8 +3,9 @@
 //!
 //! A cancel is forwarded only while that server connection is attached to the client that sent
 //! it. Attaching, detaching and the forwarding decision take the same lock, and the server
-//! connection is not reused until forwarded cancels have finished, so a late cancel can never
-//! hit another client's query (the race PgBouncer fixed in its PR #717).
+//! connection is not reused until forwarded cancels have finished, or at all if one could not be
+//! confirmed, so a late cancel can never hit another client's query (the race PgBouncer fixed in
+//! its PR #717).
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -24,21 +25,27 @@ use crate::server::ServerAddr;
 /// Cancels in flight against one server backend.
 #[derive(Debug, Default)]
 pub struct InFlight {
+    /// Cancels in flight, plus [`LOST`] once one was lost.
     count: AtomicU32,
     done: Notify,
 }
 
+/// Set in [`InFlight::count`] when a forward failed or timed out. PostgreSQL may still act on
+/// that cancel later (a slow postmaster reads the request after Sluice gave up), so the backend
+/// must never serve another client: its connection is closed when it comes back.
+const LOST: u32 = 1 << 31;
+
 impl InFlight {
-    /// Whether no cancel is in flight.
+    /// Whether no cancel is in flight and none was lost: the backend is safe for another client.
     pub fn idle(&self) -> bool {
         self.count.load(Ordering::Acquire) == 0
     }
 
-    /// Waits until no cancel is in flight.
+    /// Waits until no cancel is in flight (a lost one may still have been).
     pub async fn wait(&self) {
         loop {
             let notified = self.done.notified();
-            if self.idle() {
+            if self.count.load(Ordering::Acquire) & !LOST == 0 {
                 return;
             }
             notified.await;
@@ -171,7 +178,9 @@ impl CancelMap {
             target.cancel_unattached();
             return false;
         };
-        let _ = tokio::time::timeout(timeout, forward(&a)).await;
+        if !matches!(tokio::time::timeout(timeout, forward(&a)).await, Ok(Ok(()))) {
+            a.inflight.count.fetch_or(LOST, Ordering::AcqRel);
+        }
         a.inflight.count.fetch_sub(1, Ordering::AcqRel);
         a.inflight.done.notify_waiters();
         true

@@ -681,15 +681,18 @@ impl Session {
             drop(guard);
             return;
         }
-        // A cancel still in flight against this backend, or session state the client left:
-        // the connection goes back only after the cancel landed and the session was reset.
+        // A cancel still in flight against this backend (or lost), or session state the client
+        // left: the connection goes back only after the cancel landed and the session was reset.
         let wait = self.shared.config().sluice.cancel_wait_timeout;
         let shared = self.shared.clone();
         self.shared.tracker.spawn(async move {
             if !guard.cancels.idle() {
                 let _ = tokio::time::timeout(wait, guard.cancels.wait()).await;
+                // A cancel still in flight, or one that may land later: the connection is
+                // closed when the guard drops, so resetting it would be wasted.
+                guard.broken |= !guard.cancels.idle();
             }
-            if guard.dirty {
+            if guard.dirty && !guard.broken {
                 reset_session(&mut guard, &shared).await;
             }
             drop(guard);
