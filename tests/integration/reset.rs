@@ -94,9 +94,10 @@ const CASES: [Case; 8] = [
         seen_in_tx: true,
     },
     Case {
-        leave: "select 1; set work_mem = '3MB'",
-        probe: "show work_mem",
-        fresh: "",
+        // A trackable SET next to an untracked one: the string is reset as a whole.
+        leave: "select 1; set work_mem = '3MB'; set role reset_reader",
+        probe: "select current_user",
+        fresh: "app",
         seen_in_tx: true,
     },
 ];
@@ -349,5 +350,52 @@ async fn an_extended_set_in_a_failed_batch_is_not_kept() {
         vec![vec![Some("13MB".to_owned())]]
     );
     raw.terminate().await.expect("terminate");
+    sluice.shutdown().await;
+}
+
+/// The SETs of a multi-statement simple query (`SET search_path = ...; SELECT ...`) follow their
+/// client like single SETs, without a reset, and roll back with the query's implicit
+/// transaction. A string that also leaves untracked state is reset as a whole.
+#[tokio::test(flavor = "multi_thread")]
+async fn sets_in_a_multi_statement_query_follow_their_client() {
+    let pg = PgCluster::shared();
+    let sluice = SluiceHandle::start(one_connection(pg)).await;
+    let a = sluice.connect("app", "appdb").await;
+    let b = sluice.connect("app", "appdb").await;
+    let default_mem = value(&b, "show work_mem").await;
+    let default_path = value(&b, "show search_path").await;
+    a.batch_execute("set work_mem = '5MB'; select 1; set search_path = pg_catalog, public")
+        .await
+        .expect("multi-statement set");
+    assert_eq!(value(&b, "show work_mem").await, default_mem, "b");
+    assert_eq!(value(&b, "show search_path").await, default_path, "b");
+    assert_eq!(value(&a, "show work_mem").await, "5MB", "a, after b");
+    assert_eq!(
+        value(&a, "show search_path").await,
+        "pg_catalog, public",
+        "a, after b"
+    );
+    assert_eq!(resets(&sluice), 0, "tracked, not reset");
+    // A failing statement rolls the string's SETs back on the server: Sluice drops them too.
+    a.batch_execute("set work_mem = '6MB'; select 1/0")
+        .await
+        .expect_err("division by zero");
+    assert_eq!(value(&b, "show work_mem").await, default_mem, "b");
+    assert_eq!(
+        value(&a, "show work_mem").await,
+        "5MB",
+        "a keeps its last SET"
+    );
+    // With untracked state in the same string, the session is reset after it.
+    a.batch_execute("set work_mem = '7MB'; select set_config('app.tenant', '9', false)")
+        .await
+        .expect("set with set_config");
+    assert_eq!(
+        value(&b, "select current_setting('app.tenant', true)").await,
+        "",
+        "b"
+    );
+    assert_eq!(resets(&sluice), 1, "reset once");
+    drop((a, b));
     sluice.shutdown().await;
 }

@@ -211,6 +211,23 @@ pub fn statement_count(sql: &str) -> usize {
     count
 }
 
+/// The statements of `sql`, as slices of it from their first token to their last, split on `;`
+/// outside quotes, dollar quotes and comments; empty statements are left out. `None` if a quote
+/// or comment is unterminated. (`BEGIN ATOMIC` function bodies are split like the rest.)
+pub fn statements(sql: &str) -> Option<Vec<&str>> {
+    let mut out = Vec::new();
+    let mut current: Option<(usize, usize)> = None;
+    for t in Lexer::new(sql) {
+        match t.kind {
+            Kind::Unterminated => return None,
+            Kind::Semicolon => out.extend(current.take().map(|(a, b)| &sql[a..b])),
+            _ => current = Some((current.map_or(t.start, |(a, _)| a), t.end)),
+        }
+    }
+    out.extend(current.map(|(a, b)| &sql[a..b]));
+    Some(out)
+}
+
 /// Whether running `sql` may leave state on the server session, beyond its transaction, that a
 /// pooler does not replay for the client on its next server connection. That is:
 /// - a `SET` other than `SET LOCAL`, `SET TRANSACTION` and `SET CONSTRAINTS` (so also `SET ROLE`,

@@ -95,6 +95,9 @@ pub enum SessionChange {
     Reset(String),
     /// `RESET ALL`.
     ResetAll,
+    /// The SETs and RESETs of one multi-statement simple query, in order: they commit or roll
+    /// back together with its implicit transaction (or the block it runs in).
+    Several(Vec<SessionChange>),
 }
 
 /// The client-side state the relay reads and updates.
@@ -424,11 +427,12 @@ impl Relay {
                 if special && self.local_query(text, client, to_client, server_status) {
                     return;
                 }
-                let set = if special { session_change(text) } else { None };
+                let mut set = if special { session_change(text) } else { None };
                 // State the client leaves on the session that Sluice does not replay is reset
                 // when the connection comes back, before anyone else gets it.
                 if set.is_none() && sql::leaves_session_state(body) {
-                    server.dirty = true;
+                    set = std::str::from_utf8(body).ok().and_then(several_changes);
+                    server.dirty |= set.is_none();
                 }
                 if let Some(k) = special.then(|| sql::first_keyword(text)).flatten() {
                     if (k.eq_ignore_ascii_case("discard") || k.eq_ignore_ascii_case("deallocate"))
@@ -628,6 +632,46 @@ fn session_change(text: &str) -> Option<SessionChange> {
         SessionCommand::ResetAll => Some(SessionChange::ResetAll),
         _ => None,
     }
+}
+
+/// First keywords that rule out tracking the SETs of a multi-statement query: transaction
+/// control (whether a SET survives depends on how the string's own blocks end) and commands
+/// that change what Sluice knows of the server session.
+const UNTRACKABLE_WITH_SETS: [&str; 11] = [
+    "begin",
+    "start",
+    "commit",
+    "end",
+    "rollback",
+    "abort",
+    "savepoint",
+    "release",
+    "prepare",
+    "discard",
+    "deallocate",
+];
+
+/// The session changes of a multi-statement simple query whose statements are each a session
+/// SET or RESET that Sluice tracks, or leave nothing behind: `SET search_path = app; SELECT ...`.
+/// `None` if any statement leaves untracked state or is in [`UNTRACKABLE_WITH_SETS`]; then the
+/// session is reset after it instead.
+fn several_changes(text: &str) -> Option<SessionChange> {
+    let mut changes = Vec::new();
+    for stmt in sql::statements(text)? {
+        if let Some(change) = session_change(stmt) {
+            changes.push(change);
+            continue;
+        }
+        let first = sql::first_keyword(stmt).unwrap_or_default();
+        if UNTRACKABLE_WITH_SETS
+            .iter()
+            .any(|k| first.eq_ignore_ascii_case(k))
+            || sql::leaves_session_state(stmt.as_bytes())
+        {
+            return None;
+        }
+    }
+    (!changes.is_empty()).then_some(SessionChange::Several(changes))
 }
 
 /// Writes a ReadyForQuery into a buffer (used by idle-state local answers).

@@ -493,6 +493,11 @@ pub(super) fn apply_change(
             params.reset_all();
             server.applied.clear();
         }
+        SessionChange::Several(changes) => {
+            for change in changes {
+                apply_change(change, params, server);
+            }
+        }
     }
 }
 

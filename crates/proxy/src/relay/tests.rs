@@ -633,3 +633,80 @@ fn a_set_inside_a_rolled_back_block_does_not_follow_the_client() {
         )]
     );
 }
+
+#[test]
+fn the_sets_of_a_multi_statement_query_are_tracked_together() {
+    let names = |c: Option<SessionChange>| match c {
+        Some(SessionChange::Several(v)) => v
+            .iter()
+            .map(|c| match c {
+                SessionChange::Set(n, v) => format!("{n}={v}"),
+                SessionChange::Reset(n) => format!("reset {n}"),
+                other => format!("{other:?}"),
+            })
+            .collect::<Vec<_>>(),
+        other => panic!("expected several changes, got {other:?}"),
+    };
+    assert_eq!(
+        names(several_changes(
+            "set search_path = app, public; select 1; reset work_mem; set local lock_timeout = 1"
+        )),
+        ["search_path=app, public", "reset work_mem"]
+    );
+    // Untracked state, transaction control or commands on Sluice's view: reset instead.
+    for sql in [
+        "set work_mem = '1MB'; select set_config('a.b', '1', false)",
+        "set role nobody; select 1",
+        "begin; set work_mem = '1MB'; commit",
+        "set work_mem = '1MB'; discard all",
+        "set work_mem = '1MB'; prepare p as select 1",
+        "set work_mem = '1MB'; select 'unterminated",
+        "select 1; select 2",
+    ] {
+        assert!(several_changes(sql).is_none(), "{sql}");
+    }
+}
+
+#[test]
+fn a_multi_statement_set_follows_the_client_unless_its_transaction_fails() {
+    let (reg, mut c, mut s) = (Registry::default(), client(), server(10));
+    let mut r = Relay::default();
+    let sql = "set search_path = audit; set work_mem = '5MB'; select 1";
+    simple(
+        &mut r,
+        &mut c,
+        &reg,
+        &mut s,
+        sql,
+        "SELECT 1",
+        TransactionStatus::Idle,
+    );
+    assert!(!s.dirty, "tracked, not reset");
+    let mut wishes: Vec<_> = c.params.desired().map(|(k, _, _)| k.to_string()).collect();
+    wishes.sort();
+    assert_eq!(wishes, ["search_path", "work_mem"]);
+    // The same string with a failing statement: its implicit transaction rolls the SETs back.
+    let (mut c2, mut s2, mut r2) = (client(), server(10), Relay::default());
+    let (up, _) = send(
+        &mut r2,
+        &mut c2,
+        &reg,
+        &mut s2,
+        &[FrontendMessage::Query {
+            sql: Bytes::from_static(b"set work_mem = '5MB'; select 1/0"),
+        }],
+    );
+    assert_eq!(tags(&up), "Q");
+    let mut out = BytesMut::new();
+    backend::encode_command_complete(&mut out, "SET");
+    let division = SqlState::parse("22012").expect("a SQLSTATE");
+    backend::encode_error(&mut out, &ErrorFields::error(division, "division by zero"));
+    out.extend_from_slice(&z(TransactionStatus::Idle));
+    answer(&mut r2, &mut c2, &reg, &mut s2, out);
+    assert_eq!(
+        c2.params.desired().count(),
+        0,
+        "rolled back with its transaction"
+    );
+    assert!(!s2.dirty);
+}

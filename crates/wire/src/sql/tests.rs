@@ -47,6 +47,21 @@ fn statement_counting() {
 }
 
 #[test]
+fn statements_are_split_outside_quotes_and_comments() {
+    assert_eq!(statements(""), Some(vec![]));
+    assert_eq!(statements(" ; ;; -- x;\n"), Some(vec![]));
+    assert_eq!(
+        statements("set a = 1; select ';' /* ; */ ;  select $$ ; $$ ;"),
+        Some(vec!["set a = 1", "select ';'", "select $$ ; $$"])
+    );
+    assert_eq!(
+        statements("-- lead\nset search_path = \"a;b\", public"),
+        Some(vec!["set search_path = \"a;b\", public"])
+    );
+    assert_eq!(statements("set a = 1; select 'never closed"), None);
+}
+
+#[test]
 fn deallocate_and_discard() {
     use SessionCommand::*;
     assert_eq!(session_command("DEALLOCATE ALL"), Some(DeallocateAll));
