@@ -518,15 +518,12 @@ async fn cookies_survive_reloads_that_add_and_reorder_plugins() {
 /// otherwise a plugin's own connection count leaks with every such refusal.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_client_refused_after_admission_still_gets_on_disconnect() {
-    use sluice_tests::harness::ops::{metric, plugin_toml_at, scrape_metrics};
+    use sluice_tests::harness::ops::{metric, scrape_metrics};
     let pg = PgCluster::shared();
-    let probe = sluice_policy::testing::test_plugin_path("probe");
     let b = base(pg)
         .set("max_user_client_connections", "1")
-        .set_str("metrics_addr", "127.0.0.1:0")
-        .append(RELAXED_POLICY)
-        .append(&plugin_toml_at("probe", &probe, "closed", &[]));
-    let sluice = SluiceHandle::start(b).await;
+        .set_str("metrics_addr", "127.0.0.1:0");
+    let sluice = with_probe(b).await;
     let addr = sluice.running().metrics_addr().expect("metrics listener");
     let calls = |text: &str, hook: &str| {
         metric(
@@ -566,6 +563,19 @@ async fn a_client_refused_after_admission_still_gets_on_disconnect() {
     sluice.shutdown().await;
 }
 
+/// Sluice configured by `b` plus the `probe` test plugin, failing closed.
+async fn with_probe(b: ConfigBuilder) -> SluiceHandle {
+    use sluice_tests::harness::ops::plugin_toml_at;
+    let probe = sluice_policy::testing::test_plugin_path("probe");
+    SluiceHandle::start(b.append(RELAXED_POLICY).append(&plugin_toml_at(
+        "probe",
+        &probe,
+        "closed",
+        &[],
+    )))
+    .await
+}
+
 /// A counter of the `probe` plugin, read through a client: the probe rejects
 /// `probe:count KEY` with the message `KEY=VALUE`.
 async fn probe_count(client: &tokio_postgres::Client, key: &str) -> i64 {
@@ -590,13 +600,8 @@ async fn probe_count(client: &tokio_postgres::Client, key: &str) -> i64 {
 /// ROLLBACK TO SAVEPOINT does not end the transaction.
 #[tokio::test(flavor = "multi_thread")]
 async fn on_complete_reports_how_each_transaction_ended() {
-    use sluice_tests::harness::ops::plugin_toml_at;
     let pg = PgCluster::shared();
-    let probe = sluice_policy::testing::test_plugin_path("probe");
-    let b = base(pg)
-        .append(RELAXED_POLICY)
-        .append(&plugin_toml_at("probe", &probe, "closed", &[]));
-    let sluice = SluiceHandle::start(b).await;
+    let sluice = with_probe(base(pg)).await;
     let c = sluice.connect("app", "appdb").await;
     let cases: [(&str, &[&str], [i64; 3]); 7] = [
         ("implicit", &["select 1"], [1, 0, 0]),
@@ -651,13 +656,8 @@ async fn on_complete_reports_how_each_transaction_ended() {
 /// `on-query` like any later statement.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_transaction_starting_with_bind_is_judged_by_its_statement() {
-    use sluice_tests::harness::ops::plugin_toml_at;
     let pg = PgCluster::shared();
-    let probe = sluice_policy::testing::test_plugin_path("probe");
-    let b = base(pg)
-        .append(RELAXED_POLICY)
-        .append(&plugin_toml_at("probe", &probe, "closed", &[]));
-    let sluice = SluiceHandle::start(b).await;
+    let sluice = with_probe(base(pg)).await;
     let c = sluice.connect("app", "appdb").await;
     // Parse, Describe, Sync: a transaction that starts with the Parse.
     let begin = c.prepare("BEGIN").await.expect("prepare BEGIN");

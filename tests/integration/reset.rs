@@ -36,6 +36,19 @@ async fn backend_pid(client: &Client) -> String {
     value(client, "select pg_backend_pid()").await
 }
 
+/// After `a` set `work_mem` to `a_mem` and `search_path` to `pg_catalog, public`: `b`, on the
+/// same server connection, still sees the defaults, and `a` its own settings after `b`.
+async fn settings_follow(a: &Client, b: &Client, a_mem: &str, defaults: (&str, &str)) {
+    assert_eq!(value(b, "show work_mem").await, defaults.0, "b");
+    assert_eq!(value(b, "show search_path").await, defaults.1, "b");
+    assert_eq!(value(a, "show work_mem").await, a_mem, "a, after b");
+    assert_eq!(
+        value(a, "show search_path").await,
+        "pg_catalog, public",
+        "a, after b"
+    );
+}
+
 /// What a client leaves behind, and how the next client would see it.
 struct Case {
     /// Run by the first client as a simple query.
@@ -262,14 +275,7 @@ async fn extended_protocol_sets_follow_their_client() {
     a.execute("set search_path = pg_catalog, public", &[])
         .await
         .expect("named set");
-    assert_eq!(value(&b, "show work_mem").await, default_mem, "b");
-    assert_eq!(value(&b, "show search_path").await, default_path, "b");
-    assert_eq!(value(&a, "show work_mem").await, "7MB", "a, after b");
-    assert_eq!(
-        value(&a, "show search_path").await,
-        "pg_catalog, public",
-        "a, after b"
-    );
+    settings_follow(&a, &b, "7MB", (&default_mem, &default_path)).await;
     // Rolled back with its block: not kept.
     a.batch_execute("begin").await.expect("begin");
     a.query_typed("set work_mem = '9MB'", &[])
@@ -367,14 +373,7 @@ async fn sets_in_a_multi_statement_query_follow_their_client() {
     a.batch_execute("set work_mem = '5MB'; select 1; set search_path = pg_catalog, public")
         .await
         .expect("multi-statement set");
-    assert_eq!(value(&b, "show work_mem").await, default_mem, "b");
-    assert_eq!(value(&b, "show search_path").await, default_path, "b");
-    assert_eq!(value(&a, "show work_mem").await, "5MB", "a, after b");
-    assert_eq!(
-        value(&a, "show search_path").await,
-        "pg_catalog, public",
-        "a, after b"
-    );
+    settings_follow(&a, &b, "5MB", (&default_mem, &default_path)).await;
     assert_eq!(resets(&sluice), 0, "tracked, not reset");
     // A failing statement rolls the string's SETs back on the server: Sluice drops them too.
     a.batch_execute("set work_mem = '6MB'; select 1/0")
