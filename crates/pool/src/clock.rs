@@ -9,6 +9,9 @@
 //! to [`READS_PER_WAKEUP`] more reuse that time. The bound keeps the time fresh on a busy runtime
 //! that polls its tasks for a long while without parking.
 //!
+//! A policy plugin's call can take a good part of a millisecond: the session calls [`expire`]
+//! after one, so the time it reads next (a transaction's start or end) is not from before it.
+//!
 //! On a thread where the hook never ran (tests, blocking threads), [`now`] reads the clock every
 //! time, through tokio so that tests with a paused clock see consistent times.
 
@@ -55,6 +58,16 @@ pub fn on_unpark() {
     CACHED.with(|c| c.set(Cached::Stale));
 }
 
+/// Work that may have taken a while ran since the last read (a policy plugin's call): the next
+/// [`now`] reads the clock instead of reusing this wake-up's time. No effect without the hook.
+pub fn expire() {
+    CACHED.with(|c| {
+        if !matches!(c.get(), Cached::Off) {
+            c.set(Cached::Stale);
+        }
+    });
+}
+
 fn read() -> Instant {
     tokio::time::Instant::now().into_std()
 }
@@ -97,6 +110,13 @@ mod tests {
             pass(later);
             on_unpark();
             assert!(now() > later);
+            // Expired within a wake-up: fresh again, then shared.
+            let before = now();
+            pass(before);
+            expire();
+            let after = now();
+            assert!(after > before);
+            assert_eq!(now(), after);
         })
         .join()
         .expect("thread");

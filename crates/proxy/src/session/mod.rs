@@ -612,6 +612,8 @@ impl Session {
                     }
                 }
             }
+            // The wait and the transaction are timed from after the plugins' calls.
+            clock::expire();
         }
         // A policy's priority applies to this transaction only. A free connection is taken
         // without building the waiting future.
@@ -661,6 +663,7 @@ impl Session {
                 wait_us: waited.as_micros() as u64,
                 outcome,
             });
+            clock::expire();
         }
         self.shared.stats.record_tx(took, waited);
         match result {

@@ -308,7 +308,9 @@ impl Session {
                 waiting,
             },
         };
-        match self.shared.policy.on_query(&facts) {
+        let decision = self.shared.policy.on_query(&facts);
+        clock::expire();
+        match decision {
             TransactionDecision::Proceed(_) => None,
             TransactionDecision::Reject(r) => {
                 self.shared.stats.rejected.fetch_add(1, Ordering::Relaxed);
