@@ -13,6 +13,8 @@
 #   --targets LIST     comma list of direct,pgbouncer,sluice (default all three; env TARGETS)
 #   --workloads LIST   comma list of workload names (default all; env WORKLOADS):
 #                      select-simple select-extended select-prepared tpcb connect-per-tx clients-400
+#                      select-fixed-rate (not in the default list: -S at RATE transactions per
+#                      second, env RATE, default 12000, so both poolers handle the same load)
 # Other env: SCALE (10), POOL_SIZE (20), SLUICE_BIN, SLUICE_WORKERS (1, like PgBouncer's one
 #            thread), PG_BIN, RESULTS_DIR (benches/results), SHARED_SESSION=1 (run both poolers
 #            in this script's session, sharing pgbench's autogroup, instead of one each),
@@ -48,6 +50,7 @@ declare -A WL=(
     [tpcb]="$CLIENTS|"
     [connect-per-tx]="$CLIENTS|-C -S"
     [clients-400]="400|-S"
+    [select-fixed-rate]="$CLIENTS|-S -M simple -R ${RATE:-12000}"
 )
 IFS=, read -r -a targets <<<"$TARGETS"
 IFS=, read -r -a workloads <<<"$WORKLOADS"
