@@ -244,6 +244,34 @@ async fn a_commit_pipelined_before_terminate_commits() {
     sluice.shutdown().await;
 }
 
+/// A DISCARD ALL pipelined right after BEGIN fails as it does against PostgreSQL (25001: it
+/// cannot run inside a transaction block) instead of being answered as if no block were open;
+/// pipelined after a statement that opens no block, Sluice answers it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_discard_all_pipelined_after_begin_fails_as_in_a_block() {
+    let pg = PgCluster::shared();
+    let sluice = SluiceHandle::start(one_connection(pg)).await;
+    let mut raw = raw_trusted(&sluice, "appdb", &[]).await;
+    let both = [frontend::query("begin"), frontend::query("discard all")].concat();
+    raw.send(&both).await.expect("send");
+    let begin = raw.recv_until_ready().await.expect("begin");
+    assert_eq!(begin.last().and_then(|m| m.ready_status()), Some(b'T'));
+    let discard = raw.recv_until_ready().await.expect("discard all");
+    let codes: Vec<String> = discard.iter().filter_map(|m| m.sqlstate()).collect();
+    assert_eq!(codes, ["25001"], "{discard:?}");
+    assert_eq!(discard.last().and_then(|m| m.ready_status()), Some(b'E'));
+    raw.simple_rows("rollback").await.expect("rollback");
+    let both = [frontend::query("select 1"), frontend::query("discard all")].concat();
+    raw.send(&both).await.expect("send");
+    raw.recv_until_ready().await.expect("select");
+    let discard = raw.recv_until_ready().await.expect("discard all");
+    let tags: Vec<String> = discard.iter().filter_map(|m| m.command_tag()).collect();
+    assert_eq!(tags, ["DISCARD ALL"]);
+    assert_eq!(discard.last().and_then(|m| m.ready_status()), Some(b'I'));
+    raw.terminate().await.expect("terminate");
+    sluice.shutdown().await;
+}
+
 /// A DEALLOCATE that Sluice answers itself, pipelined after BEGIN, reports the transaction
 /// status the server has by then ('T'), not the one from before the BEGIN.
 #[tokio::test(flavor = "multi_thread")]

@@ -308,6 +308,13 @@ impl Relay {
         !self.queue.is_empty() || self.streaming > 0
     }
 
+    /// Whether answers are on their way that need nothing more from the client: everything
+    /// sent was a Query or ended with a Sync, and no COPY FROM STDIN is open. Waiting for them
+    /// cannot deadlock.
+    pub fn answers_coming(&self) -> bool {
+        self.waiting_for_server() && !self.unsynced && !self.skip_until_sync && !self.copy_in
+    }
+
     /// Whether the server is in COPY FROM STDIN, waiting for the client's data.
     pub fn copying_in(&self) -> bool {
         self.copy_in
@@ -599,15 +606,32 @@ fn unnamed_parse_query(raw: &[u8]) -> &[u8] {
 /// A cheap filter before lexing: only DEALLOCATE, DISCARD, SET and RESET (or a leading comment)
 /// can be session commands.
 fn may_be_session_command(text: &[u8]) -> bool {
+    first_word(text).is_none_or(|w| {
+        [&b"set"[..], b"reset", b"deallocate", b"discard"]
+            .iter()
+            .any(|k| w.eq_ignore_ascii_case(k))
+    })
+}
+
+/// Whether a simple query's text may be a `DISCARD ALL` or `DEALLOCATE` that Sluice answers
+/// itself. Its answer depends on the transaction status (in a block, DISCARD ALL is an error),
+/// so the relay holds one that was pipelined behind unanswered messages until they are answered.
+pub fn may_be_answered_here(text: &[u8]) -> bool {
+    first_word(text).is_none_or(|w| {
+        [&b"deallocate"[..], b"discard"]
+            .iter()
+            .any(|k| w.eq_ignore_ascii_case(k))
+    })
+}
+
+/// The first word of a query's text; `None` when it starts with a comment (decode it then).
+fn first_word(text: &[u8]) -> Option<&[u8]> {
     let t = text.trim_ascii_start();
     if t.starts_with(b"--") || t.starts_with(b"/*") {
-        return true;
+        return None;
     }
     let word = t.iter().take_while(|b| b.is_ascii_alphabetic()).count();
-    let first = &t[..word];
-    [&b"set"[..], b"reset", b"deallocate", b"discard"]
-        .iter()
-        .any(|k| first.eq_ignore_ascii_case(k))
+    Some(&t[..word])
 }
 
 /// What running a statement's text does to the session: whether it leaves state that Sluice

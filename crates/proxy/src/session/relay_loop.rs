@@ -104,6 +104,14 @@ impl Session {
                 if relay.started && relay.done(server) {
                     break;
                 }
+                // A DISCARD ALL or DEALLOCATE pipelined behind unanswered messages (a BEGIN)
+                // waits for their answers: what Sluice answers depends on the status they leave.
+                if header.tag == b'Q'
+                    && relay.answers_coming()
+                    && crate::relay::may_be_answered_here(&io.rbuf[5..header.total_len()])
+                {
+                    break;
+                }
                 let total = header.total_len();
                 let status = server.status;
                 let judged = std::mem::replace(&mut first_message, false);
