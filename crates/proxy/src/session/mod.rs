@@ -494,7 +494,6 @@ impl Session {
         End::Protocol(msg)
     }
 
-    /// The first statement of a new transaction, for policies.
     /// The statement a client message carries, for the policy: a Query's text, the statement a
     /// Parse prepares or the one a Bind runs, capped at `max_query_len` bytes on a character
     /// boundary. Empty for other messages, and for a Bind of a name the client never prepared.
