@@ -617,11 +617,19 @@ fn may_be_session_command(text: &[u8]) -> bool {
 /// itself. Its answer depends on the transaction status (in a block, DISCARD ALL is an error),
 /// so the relay holds one that was pipelined behind unanswered messages until they are answered.
 pub fn may_be_answered_here(text: &[u8]) -> bool {
-    first_word(text).is_none_or(|w| {
+    let is_local = |w: &[u8]| {
         [&b"deallocate"[..], b"discard"]
             .iter()
             .any(|k| w.eq_ignore_ascii_case(k))
-    })
+    };
+    match first_word(text) {
+        Some(w) => is_local(w),
+        // A comment first: the lexer finds the first word after it.
+        None => std::str::from_utf8(text)
+            .ok()
+            .and_then(sql::first_keyword)
+            .is_some_and(|w| is_local(w.as_bytes())),
+    }
 }
 
 /// The first word of a query's text; `None` when it starts with a comment (decode it then).

@@ -710,3 +710,18 @@ fn a_multi_statement_set_follows_the_client_unless_its_transaction_fails() {
     );
     assert!(!s2.dirty);
 }
+
+#[test]
+fn only_what_sluice_may_answer_itself_waits_for_earlier_answers() {
+    for sql in [
+        "discard all",
+        "  DEALLOCATE s1",
+        "/* app */ discard all",
+        "-- x\ndeallocate all",
+    ] {
+        assert!(may_be_answered_here(sql.as_bytes()), "{sql}");
+    }
+    for sql in ["select 1", "/* discard */ select 1", "set x = 1", ""] {
+        assert!(!may_be_answered_here(sql.as_bytes()), "{sql}");
+    }
+}
