@@ -37,10 +37,15 @@ async fn startup_and_set_parameters_follow_each_client() {
     let sluice = SluiceHandle::start(ConfigBuilder::new(pg).pool_size(1)).await;
     let mut cfg = sluice.pg_config("app", "appdb");
     cfg.application_name("params-x")
-        .options("-c search_path=params_a -c TimeZone=Asia/Tokyo");
+        .options("-c search_path=params_a,public -c TimeZone=Asia/Tokyo");
     let x = sluice.try_connect_with(cfg).await.expect("connect x");
     let y = sluice.connect("app", "appdb").await;
-    let x_start: Seen = ("params_a".into(), "params-x".into(), "Asia/Tokyo".into());
+    // A list, as PostgreSQL keeps it from the startup packet (not one quoted schema name).
+    let x_start: Seen = (
+        "params_a,public".into(),
+        "params-x".into(),
+        "Asia/Tokyo".into(),
+    );
     assert_ne!(
         plain.2, x_start.2,
         "pick a TimeZone that differs from the server's"

@@ -28,6 +28,30 @@ impl ParamValue {
     }
 }
 
+/// Parameters whose list values `SET name = '...'` would take as one item (PostgreSQL quotes a
+/// string constant as one element for them): `SET search_path = 'app, public'` names a single
+/// schema "app, public". A plain value for one of them goes through `set_config`, which parses it
+/// as the startup packet does.
+const LIST_QUOTED: [&str; 3] = [
+    "search_path",
+    "temp_tablespaces",
+    "session_preload_libraries",
+];
+
+/// The SQL that sets `name` to `value` for the session, `;`-terminated.
+pub fn set_sql(name: &str, value: &ParamValue) -> String {
+    match value {
+        ParamValue::Literal(v) if LIST_QUOTED.iter().any(|l| name.eq_ignore_ascii_case(l)) => {
+            format!(
+                "SELECT pg_catalog.set_config({}, {}, false);",
+                quote_literal(name),
+                quote_literal(v)
+            )
+        }
+        _ => format!("SET {name} = {};", value.to_sql()),
+    }
+}
+
 /// Quotes a string literal, doubling quotes (standard_conforming_strings is assumed on; a
 /// backslash gets the E'' form so it is safe either way).
 pub fn quote_literal(s: &str) -> String {
@@ -191,7 +215,7 @@ impl ClientParams {
                 _ => applied.get(key) == Some(value),
             };
             if !same {
-                sql.push_str(&format!("SET {name} = {};", value.to_sql()));
+                sql.push_str(&set_sql(name, value));
                 applied.insert(key.clone(), value.clone());
             }
         }
@@ -373,6 +397,25 @@ mod tests {
         assert_eq!(
             p.diff(&reported, &mut applied).unwrap(),
             "RESET search_path;"
+        );
+    }
+
+    #[test]
+    fn list_values_from_the_startup_packet_are_set_as_lists() {
+        let plain = ParamValue::Literal("app,public".into());
+        assert_eq!(
+            set_sql("search_path", &plain),
+            "SELECT pg_catalog.set_config('search_path', 'app,public', false);"
+        );
+        // What the client wrote in its own SET is replayed as written.
+        let written = ParamValue::Sql("app, public".into());
+        assert_eq!(
+            set_sql("search_path", &written),
+            "SET search_path = app, public;"
+        );
+        assert_eq!(
+            set_sql("TimeZone", &ParamValue::Literal("UTC".into())),
+            "SET TimeZone = 'UTC';"
         );
     }
 

@@ -327,9 +327,9 @@ impl Session {
                     format!("unrecognized configuration parameter \"{name}\""),
                 ));
             }
-            sql.push_str(&format!(
-                "SET {name} = {};",
-                crate::params::quote_literal(raw)
+            sql.push_str(&crate::params::set_sql(
+                name,
+                &crate::params::ParamValue::Literal(raw.to_string()),
             ));
         }
         let server: &mut ServerConn = &mut guard;
