@@ -36,6 +36,20 @@ async fn backend_pid(client: &Client) -> String {
     value(client, "select pg_backend_pid()").await
 }
 
+/// Sluice on a pool of one with two clients, and the `work_mem` and `search_path` a client
+/// sees by default.
+async fn two_clients() -> (SluiceHandle, Client, Client, (String, String)) {
+    let pg = PgCluster::shared();
+    let sluice = SluiceHandle::start(one_connection(pg)).await;
+    let a = sluice.connect("app", "appdb").await;
+    let b = sluice.connect("app", "appdb").await;
+    let defaults = (
+        value(&b, "show work_mem").await,
+        value(&b, "show search_path").await,
+    );
+    (sluice, a, b, defaults)
+}
+
 /// After `a` set `work_mem` to `a_mem` and `search_path` to `pg_catalog, public`: `b`, on the
 /// same server connection, still sees the defaults, and `a` its own settings after `b`.
 async fn settings_follow(a: &Client, b: &Client, a_mem: &str, defaults: (&str, &str)) {
@@ -262,12 +276,7 @@ async fn only_leftover_state_is_reset_and_tracked_state_survives_it() {
 /// without a reset. A SET that its batch or block rolls back is not kept.
 #[tokio::test(flavor = "multi_thread")]
 async fn extended_protocol_sets_follow_their_client() {
-    let pg = PgCluster::shared();
-    let sluice = SluiceHandle::start(one_connection(pg)).await;
-    let a = sluice.connect("app", "appdb").await;
-    let b = sluice.connect("app", "appdb").await;
-    let default_mem = value(&b, "show work_mem").await;
-    let default_path = value(&b, "show search_path").await;
+    let (sluice, a, b, (default_mem, default_path)) = two_clients().await;
     // Unnamed (query_typed) and named (execute prepares a statement).
     a.query_typed("set work_mem = '7MB'", &[])
         .await
@@ -364,12 +373,7 @@ async fn an_extended_set_in_a_failed_batch_is_not_kept() {
 /// transaction. A string that also leaves untracked state is reset as a whole.
 #[tokio::test(flavor = "multi_thread")]
 async fn sets_in_a_multi_statement_query_follow_their_client() {
-    let pg = PgCluster::shared();
-    let sluice = SluiceHandle::start(one_connection(pg)).await;
-    let a = sluice.connect("app", "appdb").await;
-    let b = sluice.connect("app", "appdb").await;
-    let default_mem = value(&b, "show work_mem").await;
-    let default_path = value(&b, "show search_path").await;
+    let (sluice, a, b, (default_mem, default_path)) = two_clients().await;
     a.batch_execute("set work_mem = '5MB'; select 1; set search_path = pg_catalog, public")
         .await
         .expect("multi-statement set");

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use futures_util::SinkExt;
 use sluice_tests::harness::raw::frontend;
-use sluice_tests::harness::{PgCluster, SluiceHandle};
+use sluice_tests::harness::{BackendMessage, PgCluster, RawClient, SluiceHandle};
 
 use crate::util::{fresh_table, one_connection, raw_trusted};
 
@@ -244,6 +244,19 @@ async fn a_commit_pipelined_before_terminate_commits() {
     sluice.shutdown().await;
 }
 
+/// Sends two simple queries in one write, then reads the answers to each.
+async fn pipelined(
+    raw: &mut RawClient,
+    first: &str,
+    second: &str,
+) -> (Vec<BackendMessage>, Vec<BackendMessage>) {
+    let both = [frontend::query(first), frontend::query(second)].concat();
+    raw.send(&both).await.expect("send");
+    let a = raw.recv_until_ready().await.expect(first);
+    let b = raw.recv_until_ready().await.expect(second);
+    (a, b)
+}
+
 /// A DISCARD ALL pipelined right after BEGIN fails as it does against PostgreSQL (25001: it
 /// cannot run inside a transaction block) instead of being answered as if no block were open;
 /// pipelined after a statement that opens no block, Sluice answers it.
@@ -252,19 +265,13 @@ async fn a_discard_all_pipelined_after_begin_fails_as_in_a_block() {
     let pg = PgCluster::shared();
     let sluice = SluiceHandle::start(one_connection(pg)).await;
     let mut raw = raw_trusted(&sluice, "appdb", &[]).await;
-    let both = [frontend::query("begin"), frontend::query("discard all")].concat();
-    raw.send(&both).await.expect("send");
-    let begin = raw.recv_until_ready().await.expect("begin");
+    let (begin, discard) = pipelined(&mut raw, "begin", "discard all").await;
     assert_eq!(begin.last().and_then(|m| m.ready_status()), Some(b'T'));
-    let discard = raw.recv_until_ready().await.expect("discard all");
     let codes: Vec<String> = discard.iter().filter_map(|m| m.sqlstate()).collect();
     assert_eq!(codes, ["25001"], "{discard:?}");
     assert_eq!(discard.last().and_then(|m| m.ready_status()), Some(b'E'));
     raw.simple_rows("rollback").await.expect("rollback");
-    let both = [frontend::query("select 1"), frontend::query("discard all")].concat();
-    raw.send(&both).await.expect("send");
-    raw.recv_until_ready().await.expect("select");
-    let discard = raw.recv_until_ready().await.expect("discard all");
+    let (_, discard) = pipelined(&mut raw, "select 1", "discard all").await;
     let tags: Vec<String> = discard.iter().filter_map(|m| m.command_tag()).collect();
     assert_eq!(tags, ["DISCARD ALL"]);
     assert_eq!(discard.last().and_then(|m| m.ready_status()), Some(b'I'));
@@ -279,11 +286,8 @@ async fn a_locally_answered_command_after_begin_reports_the_open_transaction() {
     let pg = PgCluster::shared();
     let sluice = SluiceHandle::start(one_connection(pg)).await;
     let mut raw = raw_trusted(&sluice, "appdb", &[]).await;
-    let both = [frontend::query("begin"), frontend::query("deallocate all")].concat();
-    raw.send(&both).await.expect("send");
-    let begin = raw.recv_until_ready().await.expect("begin");
+    let (begin, dealloc) = pipelined(&mut raw, "begin", "deallocate all").await;
     assert_eq!(begin.last().and_then(|m| m.ready_status()), Some(b'T'));
-    let dealloc = raw.recv_until_ready().await.expect("deallocate");
     let tags: Vec<String> = dealloc.iter().filter_map(|m| m.command_tag()).collect();
     assert_eq!(tags, ["DEALLOCATE ALL"]);
     assert_eq!(dealloc.last().and_then(|m| m.ready_status()), Some(b'T'));
