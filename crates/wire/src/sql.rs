@@ -199,15 +199,7 @@ pub fn first_keyword(sql: &str) -> Option<&str> {
 /// understood; their inner statements count separately.)
 pub fn statement_count(sql: &str) -> usize {
     let mut count = 0;
-    let mut in_statement = false;
-    for t in Lexer::new(sql) {
-        if t.kind == Kind::Semicolon {
-            in_statement = false;
-        } else if !in_statement {
-            in_statement = true;
-            count += 1;
-        }
-    }
+    for_each_statement(sql, |_, _| count += 1);
     count
 }
 
@@ -216,16 +208,32 @@ pub fn statement_count(sql: &str) -> usize {
 /// or comment is unterminated. (`BEGIN ATOMIC` function bodies are split like the rest.)
 pub fn statements(sql: &str) -> Option<Vec<&str>> {
     let mut out = Vec::new();
+    let terminated = for_each_statement(sql, |a, b| out.push(&sql[a..b]));
+    terminated.then_some(out)
+}
+
+/// Calls `f` with the byte range of each non-empty statement of `sql` (first token to last);
+/// false if a quote or comment is unterminated (its rest counts as part of the last statement).
+fn for_each_statement(sql: &str, mut f: impl FnMut(usize, usize)) -> bool {
+    let mut terminated = true;
     let mut current: Option<(usize, usize)> = None;
     for t in Lexer::new(sql) {
         match t.kind {
-            Kind::Unterminated => return None,
-            Kind::Semicolon => out.extend(current.take().map(|(a, b)| &sql[a..b])),
-            _ => current = Some((current.map_or(t.start, |(a, _)| a), t.end)),
+            Kind::Semicolon => {
+                if let Some((a, b)) = current.take() {
+                    f(a, b);
+                }
+            }
+            kind => {
+                terminated &= kind != Kind::Unterminated;
+                current = Some((current.map_or(t.start, |(a, _)| a), t.end));
+            }
         }
     }
-    out.extend(current.map(|(a, b)| &sql[a..b]));
-    Some(out)
+    if let Some((a, b)) = current {
+        f(a, b);
+    }
+    terminated
 }
 
 /// Whether running `sql` may leave state on the server session, beyond its transaction, that a
