@@ -190,11 +190,14 @@ impl Session {
                     timer.as_mut().reset(tokio::time::Instant::now() + t);
                 }
             }
+            crate::io::rewind(&mut io.wbuf);
+            crate::io::rewind(&mut to_server);
             // One hand-written poll over both sockets, the timer and the kill switch, in this
             // order of priority: the server's answers first, then writes, then the client.
             let event = std::future::poll_fn(|cx| {
                 if read_server {
                     let read = self.server_read.poll(cx, |cx| {
+                        crate::io::rewind(&mut server.rbuf);
                         poll_read_buf(Pin::new(&mut server.stream), cx, &mut server.rbuf)
                     });
                     match read {
