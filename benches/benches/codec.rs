@@ -68,6 +68,12 @@ fn bench(c: &mut Criterion) {
             black_box(out.len())
         })
     });
+    // Every simple query is checked for session state it may leave; an ordinary one must not
+    // be lexed.
+    g.bench_function("session-state scan of pgbench's select", |b| {
+        let sql = b"SELECT abalance FROM pgbench_accounts WHERE aid = 48213;";
+        b.iter(|| black_box(sluice_wire::sql::leaves_session_state(black_box(sql))))
+    });
     g.finish();
 }
 

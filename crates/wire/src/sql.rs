@@ -282,19 +282,19 @@ fn worth_lexing(sql: &[u8]) -> bool {
         return true;
     }
     // A statement separator followed by more text, or an underscore that starts `_config` or
-    // `_lock`.
-    let second_statement = memchr::memchr(b';', sql).is_some_and(|i| {
-        sql[i + 1..]
-            .iter()
-            .any(|b| !b.is_ascii_whitespace() && *b != b';' && *b != 0)
-    });
-    second_statement
-        || memchr::memchr_iter(b'_', sql).any(|i| {
+    // `_lock`: one search for both bytes.
+    memchr::memchr2_iter(b';', b'_', sql).any(|i| {
+        let rest = &sql[i + 1..];
+        if sql[i] == b';' {
+            rest.iter()
+                .any(|b| !b.is_ascii_whitespace() && *b != b';' && *b != 0)
+        } else {
             [&b"config"[..], b"lock"].iter().any(|k| {
-                sql.get(i + 1..i + 1 + k.len())
+                rest.get(..k.len())
                     .is_some_and(|w| w.eq_ignore_ascii_case(k))
             })
-        })
+        }
+    })
 }
 
 /// One statement of [`leaves_session_state`].
