@@ -301,7 +301,6 @@ impl Poolable for ServerConn {
         }
         // Drain anything the server sent while idle: notices and parameter changes are
         // harmless; EOF or an error (e.g. terminated by an administrator) means it is dead.
-        crate::io::rewind(&mut self.rbuf);
         loop {
             self.rbuf.reserve(4096);
             match self.stream.try_read_buf(&mut self.rbuf) {

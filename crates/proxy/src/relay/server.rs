@@ -2,7 +2,6 @@
 //! requests, with error skipping, undo, and the retry after a stale cached plan.
 
 use super::*;
-use bytes::Buf;
 
 impl Relay {
     /// Processes server output in `server.rbuf`, appending what the client should see to
@@ -75,7 +74,7 @@ impl Relay {
             pos += total;
         };
         out.flush();
-        rbuf.advance(pos);
+        crate::io::consume(rbuf, pos);
         if rbuf.len() < wanted {
             rbuf.reserve(wanted - rbuf.len());
         }

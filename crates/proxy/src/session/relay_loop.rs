@@ -3,6 +3,8 @@
 
 use tokio::io::AsyncWrite;
 
+use crate::io::consume;
+
 use super::*;
 
 /// What ended one wait of the relay loop.
@@ -121,7 +123,7 @@ impl Session {
                 {
                     if let Some(r) = self.judge_statement(&io.rbuf[..total], header.tag, status) {
                         relay.reject_statement(header.tag, r, &mut to_server);
-                        io.rbuf.advance(total);
+                        consume(&mut io.rbuf, total);
                         continue;
                     }
                 }
@@ -140,13 +142,13 @@ impl Session {
                     &mut io.wbuf,
                     status,
                 );
-                io.rbuf.advance(total);
+                consume(&mut io.rbuf, total);
             }
             // Write what we can right away: most of the time the sockets take it all and the
             // loop waits only for the next answer, not for writability.
             if !to_server.is_empty() {
                 match server.stream.try_write(&to_server) {
-                    Ok(n) => to_server.advance(n),
+                    Ok(n) => consume(&mut to_server, n),
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
                     Err(_) => return Err(lost_while_sending(server, io).await),
                 }
@@ -162,7 +164,7 @@ impl Session {
             }
             if !io.wbuf.is_empty() {
                 match io.stream.try_write(&io.wbuf) {
-                    Ok(n) => io.wbuf.advance(n),
+                    Ok(n) => consume(&mut io.wbuf, n),
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
                     Err(_) => return Err(End::Client),
                 }
@@ -190,14 +192,11 @@ impl Session {
                     timer.as_mut().reset(tokio::time::Instant::now() + t);
                 }
             }
-            crate::io::rewind(&mut io.wbuf);
-            crate::io::rewind(&mut to_server);
             // One hand-written poll over both sockets, the timer and the kill switch, in this
             // order of priority: the server's answers first, then writes, then the client.
             let event = std::future::poll_fn(|cx| {
                 if read_server {
                     let read = self.server_read.poll(cx, |cx| {
-                        crate::io::rewind(&mut server.rbuf);
                         poll_read_buf(Pin::new(&mut server.stream), cx, &mut server.rbuf)
                     });
                     match read {
@@ -209,7 +208,7 @@ impl Session {
                 if !io.wbuf.is_empty() {
                     match Pin::new(&mut io.stream).poll_write(cx, &io.wbuf) {
                         Poll::Ready(Ok(n)) => {
-                            io.wbuf.advance(n);
+                            consume(&mut io.wbuf, n);
                             return Poll::Ready(Event::Progress);
                         }
                         Poll::Ready(Err(_)) => return Poll::Ready(Event::ClientClosed),
@@ -219,7 +218,7 @@ impl Session {
                 if !to_server.is_empty() {
                     match Pin::new(&mut server.stream).poll_write(cx, &to_server) {
                         Poll::Ready(Ok(n)) => {
-                            to_server.advance(n);
+                            consume(&mut to_server, n);
                             return Poll::Ready(Event::Progress);
                         }
                         Poll::Ready(Err(_)) => return Poll::Ready(Event::ServerWriteFailed),
