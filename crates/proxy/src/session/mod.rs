@@ -28,7 +28,7 @@ use crate::alarms::Alarm;
 use crate::auth::{self, Outcome as AuthOutcome};
 use crate::cancel::CancelTarget;
 use crate::clients::{ClientInfo, ClientState, Counted};
-use crate::io::ClientIo;
+use crate::io::{consume, ClientIo};
 use crate::params::{ClientParams, ParamValue};
 use crate::pools::PoolEntry;
 use crate::prepared::ClientStatements;
@@ -327,7 +327,7 @@ impl Session {
             backend::encode_notice(&mut io.wbuf, &f);
             // Without waiting: a client that does not read gets it with the next answer.
             if let Ok(n) = io.stream.try_write(&io.wbuf) {
-                crate::io::consume(&mut io.wbuf, n);
+                consume(&mut io.wbuf, n);
             }
         };
         let cancelled = self.cancel.cancelled_while_waiting();
@@ -423,10 +423,10 @@ impl Session {
                 match header.tag {
                     b'X' => return End::Client,
                     b'S' if io.rbuf.len() >= 5 => {
-                        crate::io::consume(&mut io.rbuf, 5);
+                        consume(&mut io.rbuf, 5);
                         backend::encode_ready_for_query(&mut io.wbuf, TransactionStatus::Idle);
                     }
-                    b'H' if io.rbuf.len() >= 5 => crate::io::consume(&mut io.rbuf, 5),
+                    b'H' if io.rbuf.len() >= 5 => consume(&mut io.rbuf, 5),
                     b'p' => {
                         return self
                             .protocol_error(io, "unexpected password message".into())
@@ -541,7 +541,7 @@ impl Session {
                 }
                 Err(e) => return Err(self.protocol_error(io, e.to_string()).await),
             };
-            crate::io::consume(&mut io.rbuf, h.total_len());
+            consume(&mut io.rbuf, h.total_len());
             match h.tag {
                 b'Q' | b'S' | b'F' => break,
                 b'X' => return Err(End::Client),

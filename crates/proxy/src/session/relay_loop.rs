@@ -3,8 +3,6 @@
 
 use tokio::io::AsyncWrite;
 
-use crate::io::consume;
-
 use super::*;
 
 /// What ended one wait of the relay loop.
