@@ -5,7 +5,6 @@
 //! client gets the same server connection; the reset tests check the backend is the same one:
 //! reset, not replaced.
 
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use sluice_tests::harness::raw::frontend;
@@ -18,12 +17,7 @@ use crate::util::{one_connection, simple_value, superuser};
 const WAIT: Duration = Duration::from_secs(20);
 
 fn resets(sluice: &SluiceHandle) -> u64 {
-    sluice
-        .running()
-        .shared()
-        .stats
-        .server_resets
-        .load(Ordering::Relaxed)
+    sluice.running().shared().stats.server_resets.get()
 }
 
 async fn value(client: &Client, sql: &str) -> String {

@@ -5,7 +5,7 @@
 //! connection they were denied, and pools with idle connections give them up while anyone is
 //! hungry. Wakes run with no pool lock held.
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Weak};
 
 use parking_lot::Mutex;
@@ -24,6 +24,9 @@ pub struct SharedLimit {
     max: AtomicU32,
     used: AtomicU32,
     hungry: Mutex<Vec<Weak<dyn Hungry>>>,
+    /// Whether `hungry` has anyone, kept under its lock: every checkin asks, and a load is
+    /// cheaper than the lock.
+    any_hungry: AtomicBool,
     members: Mutex<Vec<Weak<dyn Hungry>>>,
 }
 
@@ -45,6 +48,7 @@ impl SharedLimit {
             max: AtomicU32::new(max),
             used: AtomicU32::new(0),
             hungry: Mutex::new(Vec::new()),
+            any_hungry: AtomicBool::new(false),
             members: Mutex::new(Vec::new()),
         })
     }
@@ -112,15 +116,20 @@ impl SharedLimit {
         if !list.iter().any(|w| w.ptr_eq(&who)) {
             list.push(who);
         }
+        self.any_hungry.store(true, Ordering::Release);
     }
 
     /// Whether any pool is waiting for a slot.
     pub fn has_hungry(&self) -> bool {
-        !self.hungry.lock().is_empty()
+        self.any_hungry.load(Ordering::Acquire)
     }
 
     fn wake_hungry(&self) {
-        let list = std::mem::take(&mut *self.hungry.lock());
+        let list = {
+            let mut hungry = self.hungry.lock();
+            self.any_hungry.store(false, Ordering::Release);
+            std::mem::take(&mut *hungry)
+        };
         for w in list {
             if let Some(h) = w.upgrade() {
                 h.wake();

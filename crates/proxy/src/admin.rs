@@ -398,7 +398,7 @@ impl Admin {
             }
             "stats" | "stats_totals" => {
                 let s = &shared.stats;
-                let xacts = s.transactions.load(Ordering::Relaxed);
+                let xacts = s.transactions.get();
                 let up = shared.started.elapsed().as_secs().max(1);
                 let mut t = Table::new(&[
                     "database",
@@ -413,20 +413,20 @@ impl Admin {
                     "total_abandoned",
                     "total_server_resets",
                 ]);
-                let xact_us = s.xact_us.load(Ordering::Relaxed);
-                let wait_us = s.wait_us.load(Ordering::Relaxed);
+                let xact_us = s.xact_us.get();
+                let wait_us = s.wait_us.get();
                 t.row(vec![
                     "*".into(),
                     xacts.to_string(),
-                    s.queries.load(Ordering::Relaxed).to_string(),
+                    s.queries.get().to_string(),
                     xact_us.to_string(),
                     wait_us.to_string(),
                     (xacts / up).to_string(),
                     (xact_us / xacts.max(1)).to_string(),
                     (wait_us / xacts.max(1)).to_string(),
-                    s.rejected.load(Ordering::Relaxed).to_string(),
-                    s.abandoned.load(Ordering::Relaxed).to_string(),
-                    s.server_resets.load(Ordering::Relaxed).to_string(),
+                    s.rejected.get().to_string(),
+                    s.abandoned.get().to_string(),
+                    s.server_resets.get().to_string(),
                 ]);
                 t
             }

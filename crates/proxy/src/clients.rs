@@ -5,11 +5,11 @@ use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
+use std::task::Waker;
 use std::time::SystemTime;
 
 use dashmap::DashMap;
 use foldhash::fast::RandomState;
-use futures_util::task::AtomicWaker;
 use parking_lot::Mutex;
 
 use sluice_config::Config;
@@ -65,9 +65,10 @@ pub struct ClientInfo {
     pub kill: KillSwitch,
 }
 
-/// A client's kill switch. Only the client's own task waits on it, so a flag and one waker
-/// do: waiting costs two atomic operations, where a `CancellationToken` takes two locks on
-/// every wait of every transaction.
+/// A client's kill switch. Only the client's own task waits on it, and a tokio task's waker
+/// never changes, so the session registers that waker once ([`KillSwitch::watch`]) and every
+/// later wait is a load of the flags: no atomic read-modify-write per transaction, where an
+/// `AtomicWaker` took two on every poll and a `CancellationToken` two locks.
 ///
 /// The same switch carries the graceful shutdown's "leave when idle", so a session waiting
 /// for its client's next transaction watches one flag pair and one waker.
@@ -75,20 +76,39 @@ pub struct ClientInfo {
 pub struct KillSwitch {
     flipped: AtomicBool,
     idle_end: AtomicBool,
-    waker: AtomicWaker,
+    /// The waker of the task watching the switch. Woken by reference, so it stays registered
+    /// after a wake-up: the shutdown's "leave when idle" may come before the flip.
+    task: Mutex<Option<Waker>>,
 }
 
 impl KillSwitch {
     /// Disconnects the client at its next wait.
     pub fn flip(&self) {
         self.flipped.store(true, Ordering::SeqCst);
-        self.waker.wake();
+        self.wake();
     }
 
     /// Disconnects the client once it is between transactions (graceful shutdown).
     pub fn end_when_idle(&self) {
         self.idle_end.store(true, Ordering::SeqCst);
-        self.waker.wake();
+        self.wake();
+    }
+
+    /// The flag is stored before the lock is taken, and the watcher checks flags after it
+    /// registered under the same lock: either the watcher sees the flag or it gets the wake-up.
+    fn wake(&self) {
+        if let Some(w) = &*self.task.lock() {
+            w.wake_by_ref();
+        }
+    }
+
+    /// Registers `waker` to be woken by [`Self::flip`] and [`Self::end_when_idle`]. A waker
+    /// that wakes the same task as the one registered is not stored again.
+    pub fn watch(&self, waker: &Waker) {
+        let mut task = self.task.lock();
+        if !task.as_ref().is_some_and(|w| w.will_wake(waker)) {
+            *task = Some(waker.clone());
+        }
     }
 
     /// Whether the switch was flipped.
@@ -101,27 +121,18 @@ impl KillSwitch {
         self.is_flipped() || self.idle_end.load(Ordering::SeqCst)
     }
 
-    /// Completes once the switch is flipped (at once if it already was).
+    /// Completes once the switch is flipped (at once if it already was). It registers the
+    /// polling task on every poll: for waits off the hot path; the relay checks
+    /// [`Self::is_flipped`] after one [`Self::watch`].
     pub fn flipped(&self) -> impl std::future::Future<Output = ()> + '_ {
-        self.until(Self::is_flipped)
-    }
-
-    /// Completes once a client between transactions should be disconnected.
-    pub fn idle_ended(&self) -> impl std::future::Future<Output = ()> + '_ {
-        self.until(Self::idle_should_end)
-    }
-
-    fn until(&self, done: fn(&Self) -> bool) -> impl std::future::Future<Output = ()> + '_ {
         std::future::poll_fn(move |cx| {
-            if done(self) {
-                return std::task::Poll::Ready(());
+            if !self.is_flipped() {
+                self.watch(cx.waker());
+                if !self.is_flipped() {
+                    return std::task::Poll::Pending;
+                }
             }
-            self.waker.register(cx.waker());
-            if done(self) {
-                std::task::Poll::Ready(())
-            } else {
-                std::task::Poll::Pending
-            }
+            std::task::Poll::Ready(())
         })
     }
 }
@@ -400,6 +411,38 @@ impl Clients {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Counts its wake-ups.
+    #[derive(Default)]
+    struct Count(AtomicU32);
+
+    impl std::task::Wake for Count {
+        fn wake(self: Arc<Self>) {
+            self.wake_by_ref();
+        }
+        fn wake_by_ref(self: &Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    /// One registration serves every later wake-up: the shutdown's "leave when idle" does not
+    /// use it up, so the hard stop's flip that follows still wakes the session.
+    #[test]
+    fn a_watched_switch_wakes_its_task_for_the_idle_end_and_again_for_the_flip() {
+        let switch = KillSwitch::default();
+        let count = Arc::new(Count::default());
+        let waker = Waker::from(count.clone());
+        switch.watch(&waker);
+        // Watching again with the same task's waker changes nothing.
+        switch.watch(&waker.clone());
+        assert!(!switch.idle_should_end());
+        switch.end_when_idle();
+        assert_eq!(count.0.load(Ordering::SeqCst), 1);
+        assert!(switch.idle_should_end() && !switch.is_flipped());
+        switch.flip();
+        assert_eq!(count.0.load(Ordering::SeqCst), 2);
+        assert!(switch.is_flipped());
+    }
 
     #[test]
     fn limits_count_each_scope_and_slots_come_back_on_drop() {

@@ -9,6 +9,7 @@ pub mod alarms;
 pub mod auth;
 pub mod cancel;
 pub mod clients;
+pub mod counter;
 pub mod io;
 pub mod metrics;
 pub mod params;
@@ -406,7 +407,7 @@ fn dispatch(
     match permits.clone().try_acquire_owned() {
         Ok(permit) => {
             // Counted here, so accepted and refused connections add up to all that arrived.
-            shared.stats.accepted.fetch_add(1, Ordering::Relaxed);
+            shared.stats.accepted.add(1);
             let s = shared.clone();
             // Boxed, so the task itself stays small: tokio moves a task's future by value
             // between its stages, and a session's is several kilobytes.
@@ -416,7 +417,7 @@ fn dispatch(
             }));
         }
         Err(_) => {
-            shared.stats.refused.fetch_add(1, Ordering::Relaxed);
+            shared.stats.refused.add(1);
             let cfg = shared.config();
             let msg = format!(
                 "no more connections allowed (max_client_conn = {})",
@@ -464,10 +465,10 @@ async fn maintenance(shared: Arc<Shared>) {
                 let s = &shared.stats;
                 info!(
                     clients = shared.clients.len(),
-                    transactions = s.transactions.load(Ordering::Relaxed),
-                    queries = s.queries.load(Ordering::Relaxed),
-                    wait_us = s.wait_us.load(Ordering::Relaxed),
-                    checkout_errors = s.checkout_errors.load(Ordering::Relaxed),
+                    transactions = s.transactions.get(),
+                    queries = s.queries.get(),
+                    wait_us = s.wait_us.get(),
+                    checkout_errors = s.checkout_errors.get(),
                     "stats"
                 );
             }

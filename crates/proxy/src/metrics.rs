@@ -145,7 +145,7 @@ pub fn render(shared: &Shared) -> String {
             &s.refused,
         ),
     ] {
-        counter(&mut o, name, help, value.load(Ordering::Relaxed));
+        counter(&mut o, name, help, value.get());
     }
     let _ = writeln!(o, "# HELP sluice_reloads_total Configuration reloads by outcome.\n# TYPE sluice_reloads_total counter");
     let _ = writeln!(

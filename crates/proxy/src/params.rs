@@ -98,6 +98,38 @@ pub struct ClientParams {
 /// A set of parameter wishes: lowercase name to (name as written, value).
 pub type Wishes = BTreeMap<String, (String, ParamValue)>;
 
+/// Whose parameter wishes a server session matches. The wishes stay referenced while the
+/// session is out with a client, only marked unknown: handing the session back to a client
+/// with the same (interned) wishes then costs a pointer compare, not two reference counts.
+#[derive(Debug, Default)]
+pub struct MatchedWishes {
+    wishes: Option<Arc<Wishes>>,
+    known: bool,
+}
+
+impl MatchedWishes {
+    /// Whether the session matches `params`, forgetting it until [`Self::set`]: until a
+    /// transaction ends well, the session matches nobody's wishes (an abandoned transaction
+    /// may have applied a SET).
+    pub fn take_matches(&mut self, params: &ClientParams) -> bool {
+        std::mem::replace(&mut self.known, false)
+            && self.wishes.as_ref().is_some_and(|w| params.matches(w))
+    }
+
+    /// The session now matches `wishes`.
+    pub fn set(&mut self, wishes: &Arc<Wishes>) {
+        if !self.wishes.as_ref().is_some_and(|w| Arc::ptr_eq(w, wishes)) {
+            self.wishes = Some(wishes.clone());
+        }
+        self.known = true;
+    }
+
+    /// The session matches nobody's wishes known so far: compare in full.
+    pub fn forget(&mut self) {
+        self.known = false;
+    }
+}
+
 impl ClientParams {
     /// Builds the wishes from startup parameters. Errors name the bad `options` text.
     pub fn from_startup(params: &[(String, String)]) -> Result<Self, String> {
@@ -333,6 +365,26 @@ pub fn parse_options(options: &str) -> Result<Vec<(String, String)>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A server session matches the wishes it was last set to, once: out with a client it
+    /// matches nobody until that transaction ends well and sets them again.
+    #[test]
+    fn matched_wishes_hold_until_taken_and_compare_by_value() {
+        let params = |tz: &str| {
+            ClientParams::from_startup(&[("TimeZone".into(), tz.into())]).expect("params")
+        };
+        let (utc, also_utc, paris) = (params("UTC"), params("UTC"), params("Europe/Paris"));
+        let mut m = MatchedWishes::default();
+        assert!(!m.take_matches(&utc), "a new session matches nobody");
+        m.set(utc.wishes());
+        assert!(m.take_matches(&also_utc), "equal wishes match");
+        assert!(!m.take_matches(&utc), "taken: unknown until set again");
+        m.set(utc.wishes());
+        assert!(!m.take_matches(&paris));
+        m.set(utc.wishes());
+        m.forget();
+        assert!(!m.take_matches(&utc));
+    }
 
     #[test]
     fn equal_wishes_are_shared_and_a_change_unshares_them() {

@@ -87,8 +87,13 @@ impl ArmedRead {
             return read(cx);
         }
         // Clear the flag before reading: a readiness that comes after the read registered the
-        // waker sets it again and wakes the task.
-        let fired = self.signal.fired.swap(false, Ordering::AcqRel);
+        // waker sets it again and wakes the task. A load first, and a store only when it was
+        // set, not a swap: a wake-up landing between the two is not lost, as the read that
+        // follows sees its readiness.
+        let fired = self.signal.fired.load(Ordering::Acquire);
+        if fired {
+            self.signal.fired.store(false, Ordering::Relaxed);
+        }
         if self.armed && !fired {
             return Poll::Pending;
         }

@@ -201,8 +201,8 @@ pub struct ServerConn {
     pub created: Instant,
     /// The cancel route to this backend, built on first use.
     pub cancel_target: Option<Arc<crate::cancel::Attached>>,
-    /// The parameter wishes this session matches now (`None`: unknown, compare in full).
-    pub params_for: Option<Arc<crate::params::Wishes>>,
+    /// The parameter wishes this session matches now.
+    pub params_for: crate::params::MatchedWishes,
     /// Nothing in flight on this connection (kept current by the session while relaying).
     pub quiet: bool,
     /// The FATAL message the server sent before closing, if any.
@@ -251,7 +251,7 @@ impl ServerConn {
             cancels: Arc::default(),
             created: Instant::now(),
             cancel_target: None,
-            params_for: None,
+            params_for: Default::default(),
             quiet: true,
             fatal: None,
             dbname: who.0,
@@ -265,7 +265,7 @@ impl ServerConn {
     pub fn forget_session_state(&mut self) {
         self.statements.clear();
         self.applied.clear();
-        self.params_for = None;
+        self.params_for.forget();
         self.dirty = false;
     }
 
@@ -320,7 +320,7 @@ impl Poolable for ServerConn {
                 b'S' => {
                     if let Ok((k, v)) = backend::decode_parameter_status(&body) {
                         self.params.insert(k.to_ascii_lowercase(), v.to_string());
-                        self.params_for = None;
+                        self.params_for.forget();
                     }
                 }
                 b'N' | b'A' => {}

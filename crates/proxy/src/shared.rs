@@ -11,6 +11,8 @@ use parking_lot::Mutex;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::counter::Counter;
+
 use sluice_config::Config;
 use sluice_policy::Policy;
 
@@ -127,34 +129,32 @@ impl Shared {
 #[derive(Default)]
 pub struct Stats {
     /// Transactions completed.
-    pub transactions: AtomicU64,
+    pub transactions: Counter,
     /// Queries forwarded.
-    pub queries: AtomicU64,
+    pub queries: Counter,
     /// Total transaction time, microseconds.
-    pub xact_us: AtomicU64,
+    pub xact_us: Counter,
     /// Total queue wait, microseconds.
-    pub wait_us: AtomicU64,
+    pub wait_us: Counter,
     /// Checkouts that failed (shed, timeout, connect error).
-    pub checkout_errors: AtomicU64,
+    pub checkout_errors: Counter,
     /// Transactions rejected by policy.
-    pub rejected: AtomicU64,
+    pub rejected: Counter,
     /// Transactions abandoned by their client.
-    pub abandoned: AtomicU64,
+    pub abandoned: Counter,
     /// Server sessions reset because a client left state on them.
-    pub server_resets: AtomicU64,
+    pub server_resets: Counter,
     /// Client connections accepted.
-    pub accepted: AtomicU64,
+    pub accepted: Counter,
     /// Client connections refused at accept (max_client_conn).
-    pub refused: AtomicU64,
+    pub refused: Counter,
 }
 
 impl Stats {
     /// Records one finished transaction.
     pub fn record_tx(&self, took: Duration, waited: Duration) {
-        self.xact_us
-            .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
-        self.wait_us
-            .fetch_add(waited.as_micros() as u64, Ordering::Relaxed);
+        self.xact_us.add(took.as_micros() as u64);
+        self.wait_us.add(waited.as_micros() as u64);
     }
 }
 

@@ -353,10 +353,7 @@ impl Session {
             }
             Err(e) => {
                 self.info.set_state(ClientState::Idle);
-                self.shared
-                    .stats
-                    .checkout_errors
-                    .fetch_add(1, Ordering::Relaxed);
+                self.shared.stats.checkout_errors.add(1);
                 let f = match e {
                     CheckoutError::Shed { pool, class, waited } => ErrorFields::error(
                         SqlState::TOO_MANY_CONNECTIONS,
@@ -401,8 +398,12 @@ impl Session {
         // KILL_CLIENT and the graceful shutdown both come through the client's own switch:
         // one flag pair and one waker, not a CancellationToken (a lock on every check).
         let info = self.info.clone();
-        let idle_end = info.kill.idle_ended();
-        tokio::pin!(idle_end);
+        // Once for the session: the relay and the wait below then check the switch's flags.
+        std::future::poll_fn(|cx| {
+            info.kill.watch(cx.waker());
+            Poll::Ready(())
+        })
+        .await;
         loop {
             // Handle what needs no server connection; stop at the first message that does.
             let max = self.settings().max_packet_size;
@@ -460,7 +461,7 @@ impl Session {
                     Poll::Ready(Ok(_)) => return Poll::Ready(IdleEvent::Data),
                     Poll::Pending => {}
                 }
-                if idle_end.as_mut().poll(cx).is_ready() {
+                if info.kill.idle_should_end() {
                     return Poll::Ready(IdleEvent::Ended);
                 }
                 match idle.as_mut().map(|t| t.as_mut().poll(cx)) {
@@ -555,11 +556,9 @@ impl Session {
 
     /// Runs one transaction: policy, checkout, relay until the server connection is free.
     async fn transaction(&mut self, io: &mut ClientIo) -> Result<(), End> {
-        let shared = self.shared.clone();
-        let policy = &shared.policy;
         let mut priority = None;
         let mut timeout_ms = None;
-        if policy.wants(Hook::Transaction) || policy.wants(Hook::Query) {
+        if self.shared.policy.wants(Hook::Transaction) || self.shared.policy.wants(Hook::Query) {
             // The first message, whole or not yet: a long one is judged by its first bytes.
             let query = match frontend::peek_header(&io.rbuf) {
                 Ok(Some(h)) => {
@@ -584,13 +583,13 @@ impl Session {
                 },
             };
             for hook in [Hook::Transaction, Hook::Query] {
-                if !policy.wants(hook) {
+                if !self.shared.policy.wants(hook) {
                     continue;
                 }
                 let d = if hook == Hook::Transaction {
-                    policy.on_transaction(&facts)
+                    self.shared.policy.on_transaction(&facts)
                 } else {
-                    policy.on_query(&facts)
+                    self.shared.policy.on_query(&facts)
                 };
                 match d {
                     TransactionDecision::Proceed(p) => {
@@ -602,7 +601,7 @@ impl Session {
                         }
                     }
                     TransactionDecision::Reject(r) => {
-                        self.shared.stats.rejected.fetch_add(1, Ordering::Relaxed);
+                        self.shared.stats.rejected.add(1);
                         let code = SqlState::parse(r.sqlstate.as_str())
                             .unwrap_or(SqlState::INSUFFICIENT_PRIVILEGE);
                         return self
@@ -637,10 +636,7 @@ impl Session {
         self.cancel.detach();
         self.info.server_pid.store(0, Ordering::Relaxed);
         self.info.set_state(ClientState::Idle);
-        self.shared
-            .stats
-            .transactions
-            .fetch_add(1, Ordering::Relaxed);
+        self.shared.stats.transactions.add(1);
         let outcome = match &result {
             Ok(r) if r.saw_error => Outcome::Failed,
             Ok(r) if r.rolled_back => Outcome::RolledBack,
@@ -648,14 +644,11 @@ impl Session {
             Err(_) => Outcome::Aborted,
         };
         if let Ok(r) = &result {
-            self.shared
-                .stats
-                .queries
-                .fetch_add(r.queries, Ordering::Relaxed);
+            self.shared.stats.queries.add(r.queries);
         }
         let took = clock::now().saturating_duration_since(started);
-        if policy.wants(Hook::Complete) {
-            policy.on_complete(&CompletionFacts {
+        if self.shared.policy.wants(Hook::Complete) {
+            self.shared.policy.on_complete(&CompletionFacts {
                 cookies: &self.admitted.cookies,
                 class: &self.class_name,
                 duration_us: took.as_micros() as u64,
@@ -704,7 +697,7 @@ impl Session {
     /// The client went away mid-transaction: roll back and reuse the server connection if it
     /// is in a clean state to do so; otherwise close it. Never reuse it dirty.
     fn abandon(&self, mut guard: ServerGuard) {
-        self.shared.stats.abandoned.fetch_add(1, Ordering::Relaxed);
+        self.shared.stats.abandoned.add(1);
         if !guard.quiet && !guard.broken {
             // A query is still running for nobody: cancel it and close the connection, so
             // its answers can never reach another client.
@@ -750,7 +743,7 @@ async fn housekeep(server: &mut ServerConn, sql: &str) -> bool {
 async fn reset_session(server: &mut ServerConn, shared: &Shared) {
     if housekeep(server, "DISCARD ALL").await {
         server.forget_session_state();
-        shared.stats.server_resets.fetch_add(1, Ordering::Relaxed);
+        shared.stats.server_resets.add(1);
         debug!(server.pid = server.pid, "server session reset");
     } else {
         server.broken = true;

@@ -37,13 +37,7 @@ impl Session {
         let mut to_server = std::mem::take(&mut self.to_server);
         to_server.clear();
         relay.close_orphans(server, &mut to_server);
-        // Taken, not read: until this transaction ends well, the server session matches
-        // nobody's wishes (an abandoned transaction may have applied a SET, or this sync).
-        if !server
-            .params_for
-            .take()
-            .is_some_and(|w| self.params.matches(&w))
-        {
+        if !server.params_for.take_matches(&self.params) {
             if let Some(sql) = self.params.diff(&server.params, &mut server.applied) {
                 relay.inject_query(&sql, &mut to_server);
             }
@@ -60,9 +54,6 @@ impl Session {
             );
             server.applied.insert("statement_timeout".into(), value);
         }
-        // Registered once for the whole transaction, not once per wake-up.
-        let killed = self.info.kill.flipped();
-        tokio::pin!(killed);
         // Created once per transaction, and only when the timeout is set.
         let mut idle_timer = idle_tx.map(|t| Box::pin(tokio::time::sleep(t)));
         // The transaction's first message was judged before checkout; later statements here.
@@ -171,7 +162,7 @@ impl Session {
                 // A policy's statement_timeout, or a DISCARD ALL answered here, left the server
                 // session different from what the client's wishes say.
                 if !timed && !relay.wishes_diverged() {
-                    server.params_for = Some(self.params.wishes().clone());
+                    server.params_for.set(self.params.wishes());
                 }
                 if !io.wbuf.is_empty() {
                     io.flush().await.map_err(|_| End::Client)?;
@@ -237,7 +228,8 @@ impl Session {
                         }
                     }
                 }
-                if killed.as_mut().poll(cx).is_ready() {
+                // The session's task watches the switch (see serve_inner).
+                if self.info.kill.is_flipped() {
                     return Poll::Ready(Event::Killed);
                 }
                 Poll::Pending
@@ -321,7 +313,7 @@ impl Session {
         match decision {
             TransactionDecision::Proceed(_) => None,
             TransactionDecision::Reject(r) => {
-                self.shared.stats.rejected.fetch_add(1, Ordering::Relaxed);
+                self.shared.stats.rejected.add(1);
                 let code = SqlState::parse(r.sqlstate.as_str())
                     .unwrap_or(SqlState::INSUFFICIENT_PRIVILEGE);
                 Some(ErrorFields::error(code, r.message))
