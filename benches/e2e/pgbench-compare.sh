@@ -10,7 +10,9 @@
 # Usage: benches/e2e/pgbench-compare.sh [-T SECONDS] [-R ROUNDS] [--targets LIST] [--workloads LIST]
 #   -T SECONDS         duration of each pgbench run (default 15; env DURATION)
 #   -R ROUNDS          rounds per workload (default 2; env ROUNDS)
-#   --targets LIST     comma list of direct,pgbouncer,sluice (default all three; env TARGETS)
+#   --targets LIST     comma list of direct,pgbouncer,sluice,sluice-priority,sluice-pgo (default
+#                      the first three; env TARGETS). sluice-pgo is the profile-guided build of
+#                      scripts/build-pgo.sh (env SLUICE_PGO_BIN), with the same settings as sluice
 #   --workloads LIST   comma list of workload names (default all; env WORKLOADS):
 #                      select-simple select-extended select-prepared tpcb connect-per-tx clients-400
 #                      select-fixed-rate (not in the default list: -S at RATE transactions per
@@ -55,13 +57,17 @@ declare -A WL=(
 IFS=, read -r -a targets <<<"$TARGETS"
 IFS=, read -r -a workloads <<<"$WORKLOADS"
 for t in "${targets[@]}"; do
-    case $t in direct|pgbouncer|sluice|sluice-priority) ;; *) die "unknown target '$t' (direct, pgbouncer, sluice, sluice-priority)" ;; esac
+    case $t in direct|pgbouncer|sluice|sluice-priority|sluice-pgo) ;; *) die "unknown target '$t' (direct, pgbouncer, sluice, sluice-priority, sluice-pgo)" ;; esac
 done
 for w in "${workloads[@]}"; do [[ -n ${WL[$w]:-} ]] || die "unknown workload '$w'"; done
 
 check_tools
 [[ ",$TARGETS," == *,pgbouncer,* ]] && check_pgbouncer
 [[ ",$TARGETS," == *,sluice* ]] && check_sluice
+if [[ ",$TARGETS," == *,sluice-pgo,* ]]; then
+    SLUICE_PGO_BIN=${SLUICE_PGO_BIN:-${PGO_DIR:-$HOME/.cache/sluice/pgo}/target-use/release/sluice}
+    [[ -x $SLUICE_PGO_BIN ]] || die "profile-guided build not found at $SLUICE_PGO_BIN (scripts/build-pgo.sh)"
+fi
 if [[ ",$TARGETS," == *,sluice-priority,* ]]; then
     PRIORITY_WASM=${PRIORITY_WASM:-${SLUICE_PLUGINS_TARGET_DIR:-$HOME/.cache/sluice/plugins-target}/wasm32-wasip2/release/priority.wasm}
     [[ -f $PRIORITY_WASM ]] || die "priority plugin not found at $PRIORITY_WASM (cd plugins && cargo build --release --target wasm32-wasip2)"
@@ -101,8 +107,15 @@ EOF
     SLUICE_PRIO_PID=$SLUICE_PID
 fi
 
-port_of() { case $1 in direct) echo "$PG_PORT" ;; pgbouncer) echo "$PGB_PORT" ;; sluice) echo "$SLUICE_PLAIN_PORT" ;; sluice-priority) echo "$SLUICE_PRIO_PORT" ;; esac; }
-pid_of() { case $1 in direct) echo "" ;; pgbouncer) echo "$PGB_PID" ;; sluice) echo "$SLUICE_PLAIN_PID" ;; sluice-priority) echo "$SLUICE_PRIO_PID" ;; esac; }
+if [[ ",$TARGETS," == *,sluice-pgo,* ]]; then
+    [[ -n ${SLUICE_PID:-} ]] && EXTRA_PIDS+=("$SLUICE_PID")
+    SLUICE_BIN=$SLUICE_PGO_BIN start_sluice pgo
+    SLUICE_PGO_PORT=$SLUICE_PORT
+    SLUICE_PGO_PID=$SLUICE_PID
+fi
+
+port_of() { case $1 in direct) echo "$PG_PORT" ;; pgbouncer) echo "$PGB_PORT" ;; sluice) echo "$SLUICE_PLAIN_PORT" ;; sluice-priority) echo "$SLUICE_PRIO_PORT" ;; sluice-pgo) echo "$SLUICE_PGO_PORT" ;; esac; }
+pid_of() { case $1 in direct) echo "" ;; pgbouncer) echo "$PGB_PID" ;; sluice) echo "$SLUICE_PLAIN_PID" ;; sluice-priority) echo "$SLUICE_PRIO_PID" ;; sluice-pgo) echo "$SLUICE_PGO_PID" ;; esac; }
 
 echo "workload,target,round,clients,tps,latency_ms,pooler_cpu_us_per_tx,transactions,errors,exit_code,note" >"$CSV"
 
@@ -158,6 +171,7 @@ done
     echo
     echo "- git $(git_rev); $(nproc) CPUs; $("$PG_BIN/postgres" --version); $("$PGBOUNCER" --version 2>/dev/null | head -1)"
     [[ ",$TARGETS," == *,sluice,* ]] && echo "- sluice: $(basename "$SLUICE_BIN") binary (built $(date -r "$SLUICE_BIN" '+%Y-%m-%d %H:%M')), workers = ${SLUICE_WORKERS:-1}"
+    [[ ",$TARGETS," == *,sluice-pgo,* ]] && echo "- sluice-pgo: the profile-guided build of scripts/build-pgo.sh (built $(date -r "$SLUICE_PGO_BIN" '+%Y-%m-%d %H:%M')), same settings"
     echo "- each run: pgbench -n -T $DURATION -j $THREADS, -c $CLIENTS unless noted; $ROUNDS rounds (the summary shows the median), targets interleaved per workload"
     echo "- pool size $POOL_SIZE (transaction mode, md5; both poolers log connections and disconnections, their default), PostgreSQL max_connections=$PG_MAX_CONNECTIONS, fsync off, scale $SCALE"
     if [[ ${SHARED_SESSION:-0} == 1 ]]; then

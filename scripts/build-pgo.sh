@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# Builds a profile-guided (PGO) release binary of Sluice: the build for production.
+#
+#   scripts/build-pgo.sh            build; prints the binary's path on the last line
+#
+# 1. Builds Sluice with LLVM's profiling instrumentation.
+# 2. Trains it: a throwaway PostgreSQL (benches/e2e/lib.sh) with pgbench's select-only
+#    (simple, extended and prepared), TPC-B, a new connection per transaction and 400 clients
+#    on a pool of 20 through it; the profile is written when Sluice shuts down.
+# 3. Merges the profile with llvm-profdata (rustup's llvm-tools component, added if missing).
+# 4. Builds the release binary again with the profile: LLVM then lays out and inlines the code
+#    the way the pooler actually runs, hot paths together and error paths out of the way.
+#
+# Both builds change RUSTFLAGS, so each has its own target directory under PGO_DIR
+# (default ~/.cache/sluice/pgo) and the first run compiles everything twice (10-20 minutes
+# per build on two cores with wasmtime). Env: PGO_DIR, TRAIN_SECONDS (per workload, default
+# 8), and what benches/e2e/lib.sh reads (PG_BIN, SCALE, ...). Run as root, like the benchmarks.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PGO_DIR=${PGO_DIR:-$HOME/.cache/sluice/pgo}
+TRAIN_SECONDS=${TRAIN_SECONDS:-8}
+profiles=$PGO_DIR/profiles
+merged=$PGO_DIR/sluice.profdata
+
+say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+
+sysroot=$(rustc --print sysroot)
+host=$(rustc -vV | sed -n 's/^host: //p')
+profdata=$sysroot/lib/rustlib/$host/bin/llvm-profdata
+if [[ ! -x $profdata ]]; then
+    say "adding rustup's llvm-tools component (llvm-profdata)"
+    rustup component add llvm-tools >/dev/null
+fi
+[[ -x $profdata ]] || { echo "build-pgo: $profdata not found" >&2; exit 1; }
+
+say "1/4 instrumented build"
+rm -rf "$profiles"
+mkdir -p "$profiles"
+RUSTFLAGS="-Cprofile-generate=$profiles" \
+    cargo build --release --locked -p sluice --target-dir "$PGO_DIR/target-gen"
+
+say "2/4 training run"
+# In a subshell: lib.sh's EXIT trap stops what it started when the training ends.
+(
+    SLUICE_BIN=$PGO_DIR/target-gen/release/sluice
+    source benches/e2e/lib.sh
+    check_tools
+    install_traps
+    make_workdir
+    start_postgres
+    pgbench_init
+    start_sluice train
+    for args in "-c 20 -S -M simple" "-c 20 -S -M extended" "-c 20 -S -M prepared" "-c 20" \
+        "-c 20 -C -S" "-c 400 -S"; do
+        log "training: pgbench $args"
+        # shellcheck disable=SC2086  # args are pgbench options, split on purpose
+        PGPASSWORD=$APP_PASSWORD "$PGBENCH" -n $args -j 2 -T "$TRAIN_SECONDS" \
+            -h 127.0.0.1 -p "$SLUICE_PORT" -U "$APP_USER" "$APP_DB" >/dev/null
+    done
+    # A graceful stop: the profile is written as the process exits.
+    stop_sluice
+)
+compgen -G "$profiles/*.profraw" >/dev/null || { echo "build-pgo: no profile was written" >&2; exit 1; }
+
+say "3/4 merging the profile"
+"$profdata" merge -o "$merged" "$profiles"
+
+say "4/4 optimized build"
+RUSTFLAGS="-Cprofile-use=$merged" \
+    cargo build --release --locked -p sluice --target-dir "$PGO_DIR/target-use"
+echo "$PGO_DIR/target-use/release/sluice"
