@@ -80,6 +80,18 @@ stamp=$(date +%Y%m%d-%H%M%S)
 CSV=$RESULTS_DIR/pgbench-$stamp.csv
 MD=$RESULTS_DIR/pgbench-$stamp.md
 
+# Every pooler keeps its pool of server connections open between runs; the direct runs need
+# room beside them (plus PostgreSQL's 3 superuser slots). Raised only when the targets need it:
+# 400 clients direct are still refused, as they should be.
+if [[ ",$TARGETS," == *,direct,* ]]; then
+    poolers=0
+    for t in "${targets[@]}"; do [[ $t == direct ]] || poolers=$((poolers + 1)); done
+    needed=$((poolers * POOL_SIZE + CLIENTS + 3))
+    if ((needed > PG_MAX_CONNECTIONS)); then
+        log "max_connections $PG_MAX_CONNECTIONS -> $needed: $poolers poolers' pools and $CLIENTS direct clients"
+        PG_MAX_CONNECTIONS=$needed
+    fi
+fi
 start_postgres
 pgbench_init
 [[ ",$TARGETS," == *,pgbouncer,* ]] && start_pgbouncer
