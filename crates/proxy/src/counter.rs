@@ -8,7 +8,8 @@
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 /// Lines with a single writer each. Threads beyond these share the last line and add to it
-/// with `fetch_add`: tokio's workers take the first indices, as they count first.
+/// with `fetch_add`. In Sluice the threads that count are the runtime's workers (the main
+/// thread with `workers = 1`), well under this; test binaries with many threads fall back.
 const OWNED: usize = 15;
 
 /// One thread's share, on its own cache line so that writers never share a line.
