@@ -4,9 +4,10 @@
 #   scripts/build-pgo.sh            build; prints the binary's path on the last line
 #
 # 1. Builds Sluice with LLVM's profiling instrumentation.
-# 2. Trains it: a throwaway PostgreSQL (benches/e2e/lib.sh) with pgbench's select-only
-#    (simple, extended and prepared), TPC-B, a new connection per transaction and 400 clients
-#    on a pool of 20 through it; the profile is written when Sluice shuts down.
+# 2. Trains it: a throwaway PostgreSQL (benches/e2e/lib.sh) with the benchmark's default
+#    pgbench workloads through it (select-only simple, extended and prepared, TPC-B, a new
+#    connection per transaction, 400 clients on a pool of 20); the profile is written when
+#    Sluice shuts down.
 # 3. Merges the profile with llvm-profdata (rustup's llvm-tools component, added if missing).
 # 4. Builds the release binary again with the profile: LLVM then lays out and inlines the code
 #    the way the pooler actually runs, hot paths together and error paths out of the way.
@@ -51,11 +52,13 @@ say "2/4 training run"
     start_postgres
     pgbench_init
     start_sluice train
-    for args in "-c 20 -S -M simple" "-c 20 -S -M extended" "-c 20 -S -M prepared" "-c 20" \
-        "-c 20 -C -S" "-c 400 -S"; do
-        log "training: pgbench $args"
-        # shellcheck disable=SC2086  # args are pgbench options, split on purpose
-        PGPASSWORD=$APP_PASSWORD "$PGBENCH" -n $args -j 2 -T "$TRAIN_SECONDS" \
+    # The benchmark's default workloads (benches/e2e/lib.sh).
+    IFS=, read -r -a workloads <<<"$DEFAULT_WORKLOADS"
+    for w in "${workloads[@]}"; do
+        clients=${WL[$w]%%|*} opts=${WL[$w]#*|}
+        log "training: $w (pgbench -c $clients $opts)"
+        # shellcheck disable=SC2086  # opts are pgbench options, split on purpose
+        PGPASSWORD=$APP_PASSWORD "$PGBENCH" -n -c "$clients" $opts -j 2 -T "$TRAIN_SECONDS" \
             -h 127.0.0.1 -p "$SLUICE_PORT" -U "$APP_USER" "$APP_DB" >/dev/null
     done
     # A graceful stop: the profile is written as the process exits.

@@ -26,6 +26,20 @@ PG_MAX_CONNECTIONS=${PG_MAX_CONNECTIONS:-100}
 SCALE=${SCALE:-10}
 CLK_TCK=$(getconf CLK_TCK)
 
+# The pgbench workloads, name -> "clients|pgbench options": pgbench-compare.sh runs them, and
+# scripts/build-pgo.sh trains on the default ones.
+CLIENTS=${CLIENTS:-20}
+DEFAULT_WORKLOADS=select-simple,select-extended,select-prepared,tpcb,connect-per-tx,clients-400
+declare -A WL=(
+    [select-simple]="$CLIENTS|-S -M simple"
+    [select-extended]="$CLIENTS|-S -M extended"
+    [select-prepared]="$CLIENTS|-S -M prepared"
+    [tpcb]="$CLIENTS|"
+    [connect-per-tx]="$CLIENTS|-C -S"
+    [clients-400]="400|-S"
+    [select-fixed-rate]="$CLIENTS|-S -M simple -R ${RATE:-12000}"
+)
+
 # State filled in by the start_* functions.
 WORK=""
 PG_PORT="" PG_PID=""

@@ -28,8 +28,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 DURATION=${DURATION:-15}
 ROUNDS=${ROUNDS:-2}
 TARGETS=${TARGETS:-direct,pgbouncer,sluice}
-WORKLOADS=${WORKLOADS:-select-simple,select-extended,select-prepared,tpcb,connect-per-tx,clients-400}
-CLIENTS=${CLIENTS:-20}
+WORKLOADS=${WORKLOADS:-$DEFAULT_WORKLOADS}
 THREADS=${THREADS:-2}
 
 usage() { sed -n '2,/^source/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit "${1:-0}"; }
@@ -44,16 +43,6 @@ while [[ $# -gt 0 ]]; do
     esac
 done
 
-# name -> "clients|pgbench options"
-declare -A WL=(
-    [select-simple]="$CLIENTS|-S -M simple"
-    [select-extended]="$CLIENTS|-S -M extended"
-    [select-prepared]="$CLIENTS|-S -M prepared"
-    [tpcb]="$CLIENTS|"
-    [connect-per-tx]="$CLIENTS|-C -S"
-    [clients-400]="400|-S"
-    [select-fixed-rate]="$CLIENTS|-S -M simple -R ${RATE:-12000}"
-)
 IFS=, read -r -a targets <<<"$TARGETS"
 IFS=, read -r -a workloads <<<"$WORKLOADS"
 for t in "${targets[@]}"; do

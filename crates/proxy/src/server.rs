@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::{Buf, BytesMut};
+use bytes::BytesMut;
 use parking_lot::Mutex;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixStream};
@@ -558,7 +558,6 @@ async fn login(spec: &ServerSpec) -> Result<ServerConn, ServerError> {
         }
     }
     let (pid, secret) = key.unwrap_or((0, Vec::new()));
-    buf.advance(0);
     Ok(ServerConn::new(
         stream,
         buf,
