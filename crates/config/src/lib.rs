@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use error::ConfigError;
-pub use secret::{ScramSecret, Secret};
+pub use secret::{md5_secret, md5_text, ScramSecret, Secret};
 
 /// A validated configuration: what `sluice.toml` says, with every default filled in.
 #[derive(Debug, Clone, PartialEq)]

@@ -1,7 +1,9 @@
 //! Client passwords in the forms PostgreSQL stores them: plaintext, a SCRAM-SHA-256 secret, or an
 //! md5 hash. Parsed once at load; `Debug` never shows a password, hash or key.
 
+use std::borrow::Cow;
 use std::fmt;
+use std::sync::OnceLock;
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
@@ -19,6 +21,9 @@ pub enum Secret {
         password: String,
         /// The SCRAM secret derived from `password` once, at load (random salt, 4096 iterations).
         scram: ScramSecret,
+        /// The md5 secret of the first user that asked for one (the user this password belongs
+        /// to), kept so an md5 login hashes only the salted answer: `(user, "md5" + hex)`.
+        md5: OnceLock<(String, String)>,
     },
     /// A `SCRAM-SHA-256$...` secret as in `pg_authid.rolpassword`. Verifies SCRAM logins only.
     Scram(ScramSecret),
@@ -76,6 +81,7 @@ impl Secret {
         Ok(Secret::Plain {
             password: text.to_owned(),
             scram,
+            md5: OnceLock::new(),
         })
     }
 
@@ -89,10 +95,17 @@ impl Secret {
 
     /// The md5 secret for `user` (`"md5"` + md5(password + user)), or `None` for a SCRAM secret,
     /// which cannot verify md5 logins.
-    pub fn md5_hash(&self, user: &str) -> Option<String> {
+    pub fn md5_hash(&self, user: &str) -> Option<Cow<'_, str>> {
         match self {
-            Secret::Plain { password, .. } => Some(md5_secret(password, user)),
-            Secret::Md5 { hash } => Some(hash.clone()),
+            Secret::Plain { password, md5, .. } => {
+                let (of, hash) = md5.get_or_init(|| (user.to_owned(), md5_secret(password, user)));
+                Some(if of == user {
+                    Cow::Borrowed(hash)
+                } else {
+                    Cow::Owned(md5_secret(password, user))
+                })
+            }
+            Secret::Md5 { hash } => Some(Cow::Borrowed(hash)),
             Secret::Scram(_) => None,
         }
     }
@@ -107,15 +120,25 @@ impl Secret {
 }
 
 /// `"md5"` + hex(md5(password + user)), as PostgreSQL stores md5 passwords.
-fn md5_secret(password: &str, user: &str) -> String {
+pub fn md5_secret(password: &str, user: &str) -> String {
+    let text = md5_text(&[password.as_bytes(), user.as_bytes()]);
+    // ASCII by construction.
+    String::from_utf8_lossy(&text).into_owned()
+}
+
+/// `"md5"` + hex(md5(the parts, one after the other)): the form of md5 secrets and of the
+/// answer to an md5 password request, which hashes a secret's hex digits and the salt.
+pub fn md5_text(parts: &[&[u8]]) -> [u8; 35] {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut md5 = Md5::new();
-    md5.update(password.as_bytes());
-    md5.update(user.as_bytes());
-    let mut out = String::with_capacity(35);
-    out.push_str(MD5_PREFIX);
-    for b in md5.finalize() {
-        out.push(char::from(b"0123456789abcdef"[usize::from(b >> 4)]));
-        out.push(char::from(b"0123456789abcdef"[usize::from(b & 0xf)]));
+    for p in parts {
+        md5.update(p);
+    }
+    let mut out = [0u8; 35];
+    out[..3].copy_from_slice(MD5_PREFIX.as_bytes());
+    for (i, b) in md5.finalize().into_iter().enumerate() {
+        out[3 + 2 * i] = HEX[usize::from(b >> 4)];
+        out[4 + 2 * i] = HEX[usize::from(b & 0xf)];
     }
     out
 }

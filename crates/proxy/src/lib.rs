@@ -20,6 +20,7 @@ pub mod relay;
 pub mod server;
 pub mod session;
 pub mod shared;
+mod sockopt;
 pub mod stream;
 mod tick;
 
@@ -98,7 +99,7 @@ impl Proxy {
                 source,
             })?;
             if g.tcp_defer_accept {
-                if let Err(e) = defer_accept(&l) {
+                if let Err(e) = sockopt::defer_accept(&l) {
                     warn!(addr = %bound, error = %e, "tcp_defer_accept: cannot set TCP_DEFER_ACCEPT");
                 }
             }
@@ -325,17 +326,21 @@ async fn refuse(mut stream: stream::Stream, msg: &str) {
 }
 
 async fn accept_tcp(shared: Arc<Shared>, listener: TcpListener, permits: Arc<Semaphore>) {
+    let mut sockets = sockopt::ClientSockets::new(&listener, shared.config().sluice.tcp_keepalive);
+    // One shutdown future for the listener's life: made anew per accept, it would join and
+    // leave the token's waiter list every time.
+    let shutdown = shared.shutdown.clone();
+    let stop = shutdown.cancelled();
+    tokio::pin!(stop);
     loop {
         let accepted = tokio::select! {
+            biased;
+            () = &mut stop => return,
             r = listener.accept() => r,
-            _ = shared.shutdown.cancelled() => return,
         };
         match accepted {
             Ok((sock, peer)) => {
-                let _ = sock.set_nodelay(true);
-                if shared.config().sluice.tcp_keepalive {
-                    let _ = socket_keepalive(&sock);
-                }
+                sockets.accepted(&listener, &sock, shared.config().sluice.tcp_keepalive);
                 dispatch(&shared, stream::Stream::Tcp(sock), Some(peer), &permits);
             }
             Err(e) => {
@@ -346,47 +351,17 @@ async fn accept_tcp(shared: Arc<Shared>, listener: TcpListener, permits: Arc<Sem
     }
 }
 
-/// How long the kernel holds a connection that has sent nothing, as PgBouncer sets it.
-const DEFER_ACCEPT_SECS: libc::c_int = 45;
-
-/// Accept a client only once its first bytes arrived: every PostgreSQL client speaks first
-/// (SSLRequest or StartupMessage), so the accept and the first read come in one wakeup and a
-/// connection that never speaks costs Sluice nothing. Linux only; elsewhere a no-op.
-#[allow(unsafe_code)] // one setsockopt that neither socket2 nor tokio offers
-fn defer_accept(listener: &TcpListener) -> std::io::Result<()> {
-    #[cfg(target_os = "linux")]
-    {
-        use std::os::fd::AsRawFd;
-        let secs = DEFER_ACCEPT_SECS;
-        // SAFETY: a valid socket descriptor, and a pointer to a c_int of the length given.
-        let rc = unsafe {
-            libc::setsockopt(
-                listener.as_raw_fd(),
-                libc::IPPROTO_TCP,
-                libc::TCP_DEFER_ACCEPT,
-                std::ptr::from_ref(&secs).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        if rc != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-    }
-    #[cfg(not(target_os = "linux"))]
-    let _ = listener;
-    Ok(())
-}
-
-fn socket_keepalive(sock: &tokio::net::TcpStream) -> std::io::Result<()> {
-    let s = socket2::SockRef::from(sock);
-    s.set_keepalive(true)
-}
-
 async fn accept_unix(shared: Arc<Shared>, listener: UnixListener, permits: Arc<Semaphore>) {
+    // One shutdown future for the listener's life: made anew per accept, it would join and
+    // leave the token's waiter list every time.
+    let shutdown = shared.shutdown.clone();
+    let stop = shutdown.cancelled();
+    tokio::pin!(stop);
     loop {
         let accepted = tokio::select! {
+            biased;
+            () = &mut stop => return,
             r = listener.accept() => r,
-            _ = shared.shutdown.cancelled() => return,
         };
         match accepted {
             Ok((sock, _)) => dispatch(&shared, stream::Stream::Unix(sock), None, &permits),

@@ -274,7 +274,7 @@ fn credential_of(s: &Secret) -> Credential {
         return Credential::Scram(scram.clone());
     }
     match s.md5_hash("") {
-        Some(h) => Credential::Md5(h),
+        Some(h) => Credential::Md5(h.into_owned()),
         None => Credential::None,
     }
 }

@@ -418,24 +418,11 @@ fn refused(body: &[u8]) -> ServerError {
     }
 }
 
-fn md5_hex(data: &[u8]) -> String {
-    use md5::{Digest, Md5};
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let d = Md5::digest(data);
-    let mut out = String::with_capacity(2 * d.len());
-    for b in d {
-        out.push(HEX[usize::from(b >> 4)] as char);
-        out.push(HEX[usize::from(b & 15)] as char);
-    }
-    out
-}
-
-/// Computes the md5 login answer from the stored hash `md5<hex>` and the server's salt.
-pub fn md5_answer(stored: &str, salt: [u8; 4]) -> String {
+/// The answer to an md5 password request: `"md5"` + hex(md5(the stored hash's hex digits +
+/// the salt)), where the stored hash is `"md5"` + hex(md5(password + user)).
+pub fn md5_answer(stored: &str, salt: [u8; 4]) -> [u8; 35] {
     let hex = stored.strip_prefix("md5").unwrap_or(stored);
-    let mut input = hex.as_bytes().to_vec();
-    input.extend_from_slice(&salt);
-    format!("md5{}", md5_hex(&input))
+    sluice_config::md5_text(&[hex.as_bytes(), &salt])
 }
 
 async fn login(spec: &ServerSpec) -> Result<ServerConn, ServerError> {
@@ -484,9 +471,7 @@ async fn login(spec: &ServerSpec) -> Result<ServerConn, ServerError> {
                     Authentication::Md5 { salt } => {
                         let stored = match &spec.credential {
                             Credential::Password(p) => {
-                                let mut input = p.as_bytes().to_vec();
-                                input.extend_from_slice(spec.user.as_bytes());
-                                format!("md5{}", md5_hex(&input))
+                                sluice_config::md5_secret(p, &spec.user)
                             }
                             Credential::Md5(h) => h.clone(),
                             _ => {
@@ -495,7 +480,7 @@ async fn login(spec: &ServerSpec) -> Result<ServerConn, ServerError> {
                                 ))
                             }
                         };
-                        password_message(&mut out, md5_answer(&stored, salt).as_bytes());
+                        password_message(&mut out, &md5_answer(&stored, salt));
                     }
                     Authentication::Sasl { mechanisms } => {
                         if !mechanisms.contains(&"SCRAM-SHA-256") {

@@ -69,6 +69,18 @@ fn plaintext_derives_a_matching_scram_secret_once() {
 fn md5_hashes() {
     let plain = Secret::parse("secret").expect("plaintext");
     assert_eq!(plain.md5_hash("app").as_deref(), Some(MD5_OF_SECRET_APP));
+    // The first user's hash is kept; another user's is computed for it, not mixed up.
+    assert_eq!(plain.md5_hash("app").as_deref(), Some(MD5_OF_SECRET_APP));
+    assert_eq!(
+        plain.md5_hash("other").as_deref(),
+        Some("md5cd4d83dd461991e90309457c89673e8a")
+    );
+    // The answer to a password request with salt 1,2,3,4 (as libpq computes it).
+    let stored = MD5_OF_SECRET_APP.strip_prefix("md5").expect("prefix");
+    assert_eq!(
+        &crate::md5_text(&[stored.as_bytes(), &[1, 2, 3, 4]]),
+        b"md5911f527656472583a006e7727877b33e"
+    );
     let md5 = Secret::parse(MD5_OF_SECRET_APP).expect("md5 secret");
     assert_eq!(md5.md5_hash("anyone").as_deref(), Some(MD5_OF_SECRET_APP));
     assert!(md5.plaintext().is_none() && md5.scram().is_none());

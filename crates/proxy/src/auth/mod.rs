@@ -74,9 +74,9 @@ pub async fn authenticate(
             let body = password_message(io).await?;
             let given = frontend::parse_password_message(&body)?;
             let ok = known
-                && secret.and_then(|s| s.md5_hash(user)).is_some_and(|stored| {
-                    scram::ct_eq(given, md5_answer(&stored, salt).as_bytes())
-                });
+                && secret
+                    .and_then(|s| s.md5_hash(user))
+                    .is_some_and(|stored| scram::ct_eq(given, &md5_answer(&stored, salt)));
             Ok(if ok {
                 Outcome::Ok(None)
             } else {
