@@ -11,8 +11,9 @@
 #   -T SECONDS         duration of each pgbench run (default 15; env DURATION)
 #   -R ROUNDS          rounds per workload (default 2; env ROUNDS)
 #   --targets LIST     comma list of direct,pgbouncer,sluice,sluice-priority,sluice-pgo (default
-#                      the first three; env TARGETS). sluice-pgo is the profile-guided build of
-#                      scripts/build-pgo.sh (env SLUICE_PGO_BIN), with the same settings as sluice
+#                      the first three, and sluice-pgo when that build exists; env TARGETS).
+#                      sluice-pgo is the profile-guided build of scripts/build-pgo.sh (env
+#                      SLUICE_PGO_BIN), with the same settings as sluice
 #   --workloads LIST   comma list of workload names (default all; env WORKLOADS):
 #                      select-simple select-extended select-prepared tpcb connect-per-tx clients-400
 #                      select-fixed-rate (not in the default list: -S at RATE transactions per
@@ -27,7 +28,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 DURATION=${DURATION:-15}
 ROUNDS=${ROUNDS:-2}
-TARGETS=${TARGETS:-direct,pgbouncer,sluice}
+TARGETS=${TARGETS:-}
 WORKLOADS=${WORKLOADS:-$DEFAULT_WORKLOADS}
 THREADS=${THREADS:-2}
 
@@ -43,6 +44,15 @@ while [[ $# -gt 0 ]]; do
     esac
 done
 
+SLUICE_PGO_BIN=${SLUICE_PGO_BIN:-${PGO_DIR:-$HOME/.cache/sluice/pgo}/target-use/release/sluice}
+if [[ -z ${TARGETS:-} ]]; then
+    TARGETS=direct,pgbouncer,sluice
+    if [[ -x $SLUICE_PGO_BIN ]]; then
+        TARGETS+=,sluice-pgo
+    else
+        log "no profile-guided build at $SLUICE_PGO_BIN: comparing the plain build only (scripts/build-pgo.sh makes one)"
+    fi
+fi
 IFS=, read -r -a targets <<<"$TARGETS"
 IFS=, read -r -a workloads <<<"$WORKLOADS"
 for t in "${targets[@]}"; do
@@ -54,7 +64,6 @@ check_tools
 [[ ",$TARGETS," == *,pgbouncer,* ]] && check_pgbouncer
 [[ ",$TARGETS," == *,sluice* ]] && check_sluice
 if [[ ",$TARGETS," == *,sluice-pgo,* ]]; then
-    SLUICE_PGO_BIN=${SLUICE_PGO_BIN:-${PGO_DIR:-$HOME/.cache/sluice/pgo}/target-use/release/sluice}
     [[ -x $SLUICE_PGO_BIN ]] || die "profile-guided build not found at $SLUICE_PGO_BIN (scripts/build-pgo.sh)"
 fi
 if [[ ",$TARGETS," == *,sluice-priority,* ]]; then
