@@ -108,22 +108,13 @@ mod tests {
         let mut opts = ClientSockets::new(&listener, true);
         assert_eq!(opts.on_listener.is_some(), INHERITED);
 
-        let sock = accept_one(&listener).await;
-        opts.accepted(&listener, &sock, true);
-        assert_eq!(options(&sock), (true, true));
-
-        // A reload turns keepalive off: this socket and the ones after it go without.
-        let sock = accept_one(&listener).await;
-        opts.accepted(&listener, &sock, false);
-        assert_eq!(options(&sock), (true, false));
-        let sock = accept_one(&listener).await;
-        opts.accepted(&listener, &sock, false);
-        assert_eq!(options(&sock), (true, false));
-
-        // And on again.
-        let sock = accept_one(&listener).await;
-        opts.accepted(&listener, &sock, true);
-        assert_eq!(options(&sock), (true, true));
+        // Keepalive as configured, then a reload turns it off (the socket accepted at the switch
+        // and the ones after it go without), then on again.
+        for keepalive in [true, false, false, true] {
+            let sock = accept_one(&listener).await;
+            opts.accepted(&listener, &sock, keepalive);
+            assert_eq!(options(&sock), (true, keepalive));
+        }
     }
 
     /// What the listener path relies on: the kernel copies both options to accepted sockets.
