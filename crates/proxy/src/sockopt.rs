@@ -4,7 +4,8 @@
 //! with `tcp_keepalive`, `SO_KEEPALIVE`. Linux copies both from a listening socket to each
 //! connection it accepts (with the keepalive timer started), so there they are set once on the
 //! listener, and again only when a reload changes `tcp_keepalive`: two system calls fewer per
-//! login. Elsewhere each accepted socket gets them.
+//! login. The first connection accepted is checked for them; where they did not come through, and
+//! on other systems, each accepted socket gets them.
 
 use std::io;
 
@@ -19,18 +20,31 @@ pub(crate) struct ClientSockets {
     /// The `tcp_keepalive` the listener carries for its connections to inherit, or `None` where
     /// they do not inherit it (or setting it on the listener failed): then each socket gets it.
     on_listener: Option<bool>,
+    /// Whether an accepted socket was seen to carry the listener's options. The first one is
+    /// checked (one `getsockopt`), so a kernel that did not copy them costs a system call per
+    /// login, not Nagle's delays.
+    confirmed: bool,
 }
 
 impl ClientSockets {
     /// Sets the options on `listener` where connections inherit them.
     pub(crate) fn new(listener: &TcpListener, keepalive: bool) -> ClientSockets {
         let on_listener = (INHERITED && set(listener, keepalive).is_ok()).then_some(keepalive);
-        ClientSockets { on_listener }
+        ClientSockets {
+            on_listener,
+            confirmed: false,
+        }
     }
 
     /// Gives a socket just accepted from `listener` its options, with `tcp_keepalive` as now
     /// configured. Failures are ignored: the connection works without them.
     pub(crate) fn accepted(&mut self, listener: &TcpListener, sock: &TcpStream, keepalive: bool) {
+        if !self.confirmed && self.on_listener.is_some() {
+            self.confirmed = true;
+            if !SockRef::from(sock).nodelay().unwrap_or(false) {
+                self.on_listener = None;
+            }
+        }
         match self.on_listener {
             Some(k) if k == keepalive => {}
             Some(_) => {
@@ -114,6 +128,22 @@ mod tests {
             let sock = accept_one(&listener).await;
             opts.accepted(&listener, &sock, keepalive);
             assert_eq!(options(&sock), (true, keepalive));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_listener_without_the_options_falls_back_to_setting_each_socket() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        // As if the kernel had not copied them: the listener believes it set them, but did not.
+        let mut opts = ClientSockets {
+            on_listener: Some(true),
+            confirmed: false,
+        };
+        for _ in 0..2 {
+            let sock = accept_one(&listener).await;
+            opts.accepted(&listener, &sock, true);
+            assert_eq!(options(&sock), (true, true));
+            assert_eq!(opts.on_listener, None);
         }
     }
 
