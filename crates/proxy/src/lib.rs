@@ -120,15 +120,13 @@ impl Proxy {
         }
         let local_addr = local_addr.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], port)));
         for l in listeners {
-            let (shared, permits) = (shared.clone(), permits.clone());
-            shared.clone().tracker.spawn(accept_tcp(shared, l, permits));
+            let tcp = TcpAcceptor::new(shared.clone(), l);
+            let task = accept_loop(shared.clone(), permits.clone(), tcp);
+            shared.tracker.spawn(task);
         }
         if let Some(l) = unix {
-            let (shared, permits) = (shared.clone(), permits.clone());
-            shared
-                .clone()
-                .tracker
-                .spawn(accept_unix(shared, l, permits));
+            let task = accept_loop(shared.clone(), permits.clone(), l);
+            shared.tracker.spawn(task);
         }
         let metrics_addr = match g.metrics_addr {
             Some(a) => Some(metrics::serve(shared.clone(), a).await.map_err(|source| {
@@ -325,33 +323,50 @@ async fn refuse(mut stream: stream::Stream, msg: &str) {
     let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&buf)).await;
 }
 
-async fn accept_tcp(shared: Arc<Shared>, listener: TcpListener, permits: Arc<Semaphore>) {
-    let mut sockets = sockopt::ClientSockets::new(&listener, shared.config().sluice.tcp_keepalive);
-    // One shutdown future for the listener's life: made anew per accept, it would join and
-    // leave the token's waiter list every time.
-    let shutdown = shared.shutdown.clone();
-    let stop = shutdown.cancelled();
-    tokio::pin!(stop);
-    loop {
-        let accepted = tokio::select! {
-            biased;
-            () = &mut stop => return,
-            r = listener.accept() => r,
-        };
-        match accepted {
-            Ok((sock, peer)) => {
-                sockets.accepted(&listener, &sock, shared.config().sluice.tcp_keepalive);
-                dispatch(&shared, stream::Stream::Tcp(sock), Some(peer), &permits);
-            }
-            Err(e) => {
-                error!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
+/// A client connection and its peer address (none for a Unix socket).
+type Accepted = (stream::Stream, Option<SocketAddr>);
+
+/// A listener as [`accept_loop`] uses it: the next client connection, its socket readied.
+trait Acceptor: Send {
+    fn next(&mut self) -> impl std::future::Future<Output = std::io::Result<Accepted>> + Send;
+}
+
+/// A TCP listener, and the socket options its connections get.
+struct TcpAcceptor {
+    listener: TcpListener,
+    sockets: sockopt::ClientSockets,
+    shared: Arc<Shared>,
+}
+
+impl TcpAcceptor {
+    fn new(shared: Arc<Shared>, listener: TcpListener) -> Self {
+        let sockets = sockopt::ClientSockets::new(&listener, shared.config().sluice.tcp_keepalive);
+        TcpAcceptor {
+            listener,
+            sockets,
+            shared,
         }
     }
 }
 
-async fn accept_unix(shared: Arc<Shared>, listener: UnixListener, permits: Arc<Semaphore>) {
+impl Acceptor for TcpAcceptor {
+    async fn next(&mut self) -> std::io::Result<Accepted> {
+        let (sock, peer) = self.listener.accept().await?;
+        let keepalive = self.shared.config().sluice.tcp_keepalive;
+        self.sockets.accepted(&self.listener, &sock, keepalive);
+        Ok((stream::Stream::Tcp(sock), Some(peer)))
+    }
+}
+
+impl Acceptor for UnixListener {
+    async fn next(&mut self) -> std::io::Result<Accepted> {
+        let (sock, _) = self.accept().await?;
+        Ok((stream::Stream::Unix(sock), None))
+    }
+}
+
+/// Hands each connection that `listener` accepts to [`dispatch`], until shutdown.
+async fn accept_loop(shared: Arc<Shared>, permits: Arc<Semaphore>, mut listener: impl Acceptor) {
     // One shutdown future for the listener's life: made anew per accept, it would join and
     // leave the token's waiter list every time.
     let shutdown = shared.shutdown.clone();
@@ -361,10 +376,10 @@ async fn accept_unix(shared: Arc<Shared>, listener: UnixListener, permits: Arc<S
         let accepted = tokio::select! {
             biased;
             () = &mut stop => return,
-            r = listener.accept() => r,
+            r = listener.next() => r,
         };
         match accepted {
-            Ok((sock, _)) => dispatch(&shared, stream::Stream::Unix(sock), None, &permits),
+            Ok((stream, peer)) => dispatch(&shared, stream, peer, &permits),
             Err(e) => {
                 error!(error = %e, "accept failed");
                 tokio::time::sleep(Duration::from_millis(50)).await;
