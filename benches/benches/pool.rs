@@ -53,7 +53,7 @@ fn settings(size: u32) -> PoolSettings {
 fn bench(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
-        .enable_all()
+        .enable_io()
         .build()
         .unwrap();
     let pool = rt.block_on(async { Pool::new(settings(4), Fake, vec![]) });

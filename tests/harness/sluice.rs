@@ -4,16 +4,21 @@
 //! `sluice_config::Config::parse` exactly as the binary parses a file, so tests exercise the real
 //! config path. [`SluiceHandle`] owns the running proxy and hands out clients.
 //!
+//! Each Sluice runs as the binary runs it: on a runtime of its own, on its own thread, with
+//! tokio's IO driver only and the clock hook installed. A tokio timer left anywhere in Sluice
+//! panics there, and any panic on that thread fails the test at shutdown.
+//!
 //! ```ignore
 //! let pg = PgCluster::shared();
 //! let sluice = SluiceHandle::start(ConfigBuilder::new(pg).pool_size(2)).await;
 //! let client = sluice.connect("app", "appdb").await;
 //! ```
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Once};
 use std::time::Duration;
 
 use anyhow::{anyhow, Context, Result};
@@ -222,6 +227,8 @@ pub struct SluiceHandle {
     running: Option<Running>,
     addr: SocketAddr,
     builder: Option<ConfigBuilder>,
+    /// The name of the thread Sluice runs on, to look for its panics.
+    thread: String,
 }
 
 impl std::fmt::Debug for SluiceHandle {
@@ -259,14 +266,13 @@ impl SluiceHandle {
     pub async fn try_start_config(config: Config) -> Result<SluiceHandle> {
         super::init_tracing();
         let policy = policy_for(&config)?;
-        let running = Proxy::start(config, policy)
-            .await
-            .map_err(|e| anyhow!("Proxy::start: {e}"))?;
+        let (running, thread) = start_on_own_runtime(config, policy).await?;
         let addr = running.local_addr();
         Ok(SluiceHandle {
             running: Some(running),
             addr,
             builder: None,
+            thread,
         })
     }
 
@@ -436,6 +442,18 @@ impl SluiceHandle {
         {
             panic!("Sluice did not finish within {SHUTDOWN_TIMEOUT:?} of shutdown");
         }
+        self.assert_no_panic();
+    }
+
+    /// Fails the test if code on Sluice's thread panicked. Tokio catches a task's panic and
+    /// the runtime goes on, so a client may not notice; the panic hook does.
+    pub fn assert_no_panic(&self) {
+        let panicked = PANICKED.lock().map(|p| p.contains(&self.thread));
+        assert!(
+            matches!(panicked, Ok(false)),
+            "Sluice panicked (on thread {}; its message is above)",
+            self.thread
+        );
     }
 }
 
@@ -444,7 +462,75 @@ impl Drop for SluiceHandle {
         if let Some(running) = self.running.take() {
             running.shutdown(ShutdownMode::Fast);
         }
+        if !std::thread::panicking() {
+            self.assert_no_panic();
+        }
     }
+}
+
+/// The threads of in-process Sluices on which a panic happened.
+static PANICKED: Mutex<BTreeSet<String>> = Mutex::new(BTreeSet::new());
+
+/// The prefix of the names of the threads Sluice runs on.
+const THREAD_PREFIX: &str = "sluice-under-test-";
+
+/// Starts Sluice on a new thread with a current-thread runtime built as the binary builds its
+/// runtime (no time driver). The thread runs until Sluice's tasks have all ended after a
+/// shutdown. Returns the running proxy and the thread's name.
+async fn start_on_own_runtime(
+    config: Config,
+    policy: Arc<PolicyEngine>,
+) -> Result<(Running, String)> {
+    static HOOK: Once = Once::new();
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if let Some(name) = std::thread::current().name() {
+                if name.starts_with(THREAD_PREFIX) {
+                    if let Ok(mut p) = PANICKED.lock() {
+                        p.insert(name.to_owned());
+                    }
+                }
+            }
+            previous(info);
+        }));
+    });
+    let name = format!("{THREAD_PREFIX}{}", NEXT.fetch_add(1, Ordering::Relaxed));
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name(name.clone())
+        .spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_io()
+                .on_thread_unpark(sluice_pool::clock::on_unpark)
+                .build();
+            let rt = match rt {
+                Ok(rt) => rt,
+                Err(e) => {
+                    let _ = tx.send(Err(anyhow!("Sluice's runtime: {e}")));
+                    return;
+                }
+            };
+            rt.block_on(async move {
+                match Proxy::start(config, policy).await {
+                    Ok(running) => {
+                        let shared = running.shared().clone();
+                        if tx.send(Ok(running)).is_ok() {
+                            shared.tracker.wait().await;
+                        }
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(anyhow!("Proxy::start: {e}")));
+                    }
+                }
+            });
+        })
+        .context("spawning Sluice's thread")?;
+    let running = rx
+        .await
+        .map_err(|_| anyhow!("Sluice's thread ended before Sluice started"))??;
+    Ok((running, name))
 }
 
 /// The policy engine for `config`: empty without plugins, else the configured plugins.

@@ -13,7 +13,7 @@
 //! after one, so the time it reads next (a transaction's start or end) is not from before it.
 //!
 //! On a thread where the hook never ran (tests, blocking threads), [`now`] reads the clock every
-//! time, through tokio so that tests with a paused clock see consistent times.
+//! time.
 
 use std::cell::Cell;
 use std::time::Instant;
@@ -69,7 +69,7 @@ pub fn expire() {
 }
 
 fn read() -> Instant {
-    tokio::time::Instant::now().into_std()
+    Instant::now()
 }
 
 #[cfg(test)]

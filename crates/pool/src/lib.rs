@@ -10,6 +10,7 @@ pub mod limit;
 mod pool;
 pub mod sched;
 pub mod stats;
+pub mod timer;
 
 pub use limit::{Permit, SharedLimit};
 pub use pool::{BoxFuture, CheckoutError, Connector, Guard, Pool, PoolSettings, Poolable};

@@ -219,7 +219,7 @@ async fn key_quota_holds_under_concurrency() {
     assert_eq!(peak.load(Ordering::SeqCst), 2);
 }
 
-#[tokio::test(start_paused = true)]
+#[tokio::test]
 async fn a_waiter_past_its_class_budget_is_shed() {
     let fake = Fake::new();
     let classes = vec![class("batch", 0, None, Some(200))];
@@ -238,7 +238,7 @@ async fn a_waiter_past_its_class_budget_is_shed() {
     assert_eq!(s.waiting, 0);
 }
 
-#[tokio::test(start_paused = true)]
+#[tokio::test]
 async fn query_wait_timeout_names_the_pool() {
     let fake = Fake::new();
     let mut st = settings(1, vec![]);
@@ -331,14 +331,14 @@ async fn reconnect_closes_connections_on_release() {
     assert_eq!(pool.stats().idle, 0);
 }
 
-#[tokio::test(start_paused = true)]
+#[tokio::test]
 async fn one_timer_gives_the_notice_then_the_timeout() {
     let fake = Fake::new();
     let mut st = settings(1, vec![]);
     st.wait_timeout = Some(Duration::from_millis(300));
     let pool = Pool::new(st, fake, vec![]);
     let _held = pool.checkout(t(0, 0)).await.unwrap();
-    let started = tokio::time::Instant::now();
+    let started = std::time::Instant::now();
     let mut notices = Vec::new();
     let err = pool
         .checkout_notify(t(0, 0), Some(Duration::from_millis(100)), || {
@@ -347,15 +347,16 @@ async fn one_timer_gives_the_notice_then_the_timeout() {
         .await
         .err()
         .unwrap();
-    assert_eq!(
-        notices,
-        vec![Duration::from_millis(100)],
-        "one notice, on time"
-    );
-    match err {
-        CheckoutError::Timeout { waited, .. } => assert_eq!(waited, Duration::from_millis(300)),
+    let waited = match err {
+        CheckoutError::Timeout { waited, .. } => waited,
         other => panic!("expected Timeout, got {other:?}"),
-    }
+    };
+    assert!(waited >= Duration::from_millis(300), "{waited:?}");
+    assert_eq!(notices.len(), 1, "one notice: {notices:?}");
+    assert!(
+        notices[0] >= Duration::from_millis(100) && notices[0] < waited,
+        "the notice comes after 100 ms and before the timeout: {notices:?}, {waited:?}"
+    );
     // A notice point past the budget never comes.
     let mut late = 0;
     let err = pool
@@ -368,21 +369,26 @@ async fn one_timer_gives_the_notice_then_the_timeout() {
     assert_eq!(pool.stats().waiting, 0);
 }
 
-#[tokio::test(start_paused = true)]
+#[tokio::test]
 async fn a_waiter_served_after_its_notice_gets_the_connection() {
     let fake = Fake::new();
     let pool = Pool::new(settings(1, vec![]), fake, vec![]);
     let held = pool.checkout(t(0, 0)).await.unwrap();
     let first = held.id;
     let p = pool.clone();
+    let noticed = Arc::new(tokio::sync::Notify::new());
+    let tell = noticed.clone();
     let waiter = tokio::spawn(async move {
         let mut notices = 0;
         let g = p
-            .checkout_notify(t(0, 0), Some(Duration::from_millis(50)), || notices += 1)
+            .checkout_notify(t(0, 0), Some(Duration::from_millis(50)), || {
+                notices += 1;
+                tell.notify_one();
+            })
             .await;
         (g.map(|g| g.id), notices)
     });
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    noticed.notified().await;
     drop(held);
     let (got, notices) = waiter.await.unwrap();
     assert_eq!(

@@ -178,7 +178,10 @@ impl CancelMap {
             target.cancel_unattached();
             return false;
         };
-        if !matches!(tokio::time::timeout(timeout, forward(&a)).await, Ok(Ok(()))) {
+        if !matches!(
+            sluice_pool::timer::timeout(timeout, forward(&a)).await,
+            Ok(Ok(()))
+        ) {
             a.inflight.count.fetch_or(LOST, Ordering::AcqRel);
         }
         a.inflight.count.fetch_sub(1, Ordering::AcqRel);

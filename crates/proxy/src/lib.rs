@@ -54,6 +54,9 @@ pub enum ProxyError {
     /// The new configuration was refused.
     #[error("reload refused: {0}")]
     Reload(String),
+    /// The thread that serves Sluice's deadlines could not be started.
+    #[error("cannot start the timer thread: {0}")]
+    Timer(#[source] std::io::Error),
 }
 
 /// How to shut down.
@@ -79,6 +82,7 @@ pub struct Running {
 impl Proxy {
     /// Binds every listener (port 0 allowed) and starts serving.
     pub async fn start(config: Config, policy: Arc<dyn Policy>) -> Result<Running, ProxyError> {
+        sluice_pool::timer::start().map_err(ProxyError::Timer)?;
         let g = config.sluice.clone();
         let shared = Arc::new(Shared::new(config, policy.clone()));
         policy.set_pool_state(Arc::new(PoolState(Arc::downgrade(&shared))));
@@ -215,7 +219,7 @@ pub fn begin_shutdown(shared: &Arc<Shared>, mode: ShutdownMode) {
     let s = shared.clone();
     shared.tracker.spawn(async move {
         tokio::select! {
-            _ = tokio::time::sleep(deadline) => s.hard_stop.cancel(),
+            _ = sluice_pool::timer::sleep(deadline) => s.hard_stop.cancel(),
             _ = s.hard_stop.cancelled() => {}
         }
     });
@@ -320,7 +324,7 @@ async fn refuse(mut stream: stream::Stream, msg: &str) {
         &mut buf,
         &ErrorFields::fatal(SqlState::TOO_MANY_CONNECTIONS, msg),
     );
-    let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&buf)).await;
+    let _ = sluice_pool::timer::timeout(Duration::from_secs(1), stream.write_all(&buf)).await;
 }
 
 /// A client connection and its peer address (none for a Unix socket).
@@ -382,7 +386,7 @@ async fn accept_loop(shared: Arc<Shared>, permits: Arc<Semaphore>, mut listener:
             Ok((stream, peer)) => dispatch(&shared, stream, peer, &permits),
             Err(e) => {
                 error!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                sluice_pool::timer::sleep(Duration::from_millis(50)).await;
             }
         }
     }

@@ -32,7 +32,7 @@ pub async fn serve(shared: Arc<Shared>, addr: SocketAddr) -> std::io::Result<Soc
             tokio::spawn(async move {
                 let mut req = Vec::with_capacity(512);
                 let mut buf = [0u8; 1024];
-                let read = tokio::time::timeout(Duration::from_secs(5), async {
+                let read = sluice_pool::timer::timeout(Duration::from_secs(5), async {
                     while !req.windows(4).any(|w| w == b"\r\n\r\n") && req.len() < 8192 {
                         match sock.read(&mut buf).await {
                             Ok(0) | Err(_) => return false,

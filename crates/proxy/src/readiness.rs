@@ -139,7 +139,7 @@ mod tests {
         buf: &mut bytes::BytesMut,
         reads: &mut u32,
     ) -> usize {
-        tokio::time::timeout(
+        sluice_pool::timer::timeout(
             std::time::Duration::from_secs(10),
             std::future::poll_fn(|cx| poll_once(armed, sock, buf, reads, cx)),
         )

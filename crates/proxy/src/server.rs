@@ -363,7 +363,7 @@ impl Connector for ServerConnector {
         let spec = self.spec();
         Box::pin(async move {
             let addr = spec.addr.to_string();
-            match tokio::time::timeout(spec.connect_timeout, login(&spec)).await {
+            match sluice_pool::timer::timeout(spec.connect_timeout, login(&spec)).await {
                 Ok(r) => r,
                 Err(_) => Err(ServerError::Timeout(addr)),
             }
@@ -378,7 +378,7 @@ impl Connector for ServerConnector {
         handle.spawn(async move {
             let mut buf = BytesMut::with_capacity(5);
             frontend::encode_terminate(&mut buf);
-            let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            let _ = sluice_pool::timer::timeout(Duration::from_secs(1), async {
                 let _ = stream.write_all(&buf).await;
                 let _ = stream.shutdown().await;
             })

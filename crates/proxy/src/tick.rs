@@ -1,15 +1,13 @@
-//! The maintenance tick, kept off tokio's timer wheel.
+//! The maintenance tick.
 //!
-//! While any timer is registered with a tokio runtime, every park of that runtime reads the clock
-//! twice and scans the wheel's levels: about 190 instructions per park on the relay's hot path,
-//! 3 % of a select-only transaction. The maintenance loop is the one timer that is always there.
-//! On Linux it ticks from a `timerfd` instead, which the IO driver watches like a socket, so the
-//! wheel stays empty unless some session is actually waiting on a deadline. Elsewhere it is a
-//! plain [`tokio::time::Interval`].
+//! The maintenance loop is the one deadline that is always pending. On Linux it ticks from a
+//! `timerfd`, which the IO driver watches like a socket: no thread is woken to wake the runtime.
+//! Elsewhere, or without a timerfd, it sleeps on [`sluice_pool::timer`]. Sluice's runtime has no
+//! tokio time driver (see that module), so nothing here may use `tokio::time`.
 
 use std::time::Duration;
 
-use tokio::time::{Instant, Interval, MissedTickBehavior};
+use sluice_pool::timer::{self, Sleep};
 use tracing::warn;
 
 /// A periodic wake-up for the maintenance loop. The first tick comes one period after creation;
@@ -22,7 +20,7 @@ pub struct Ticker {
 enum Source {
     #[cfg(target_os = "linux")]
     TimerFd(tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>),
-    Wheel(Interval),
+    Sleep(Sleep),
 }
 
 impl Ticker {
@@ -40,7 +38,7 @@ impl Ticker {
         }
         Self {
             period,
-            source: Source::Wheel(wheel(period)),
+            source: Source::Sleep(timer::sleep(period)),
         }
     }
 
@@ -51,20 +49,16 @@ impl Ticker {
             Source::TimerFd(fd) => {
                 if let Err(e) = timerfd::wait(fd).await {
                     warn!(error = %e, "the maintenance timerfd failed; using a timer");
-                    self.source = Source::Wheel(wheel(self.period));
+                    self.source = Source::Sleep(timer::sleep(self.period));
                 }
             }
-            Source::Wheel(interval) => {
-                interval.tick().await;
+            Source::Sleep(sleep) => {
+                (&mut *sleep).await;
+                // Ticks missed while nobody waited merge into this one.
+                sleep.reset(sluice_pool::clock::now() + self.period);
             }
         }
     }
-}
-
-fn wheel(period: Duration) -> Interval {
-    let mut interval = tokio::time::interval_at(Instant::now() + period, period);
-    interval.set_missed_tick_behavior(MissedTickBehavior::Skip);
-    interval
 }
 
 #[cfg(target_os = "linux")]
@@ -115,14 +109,13 @@ mod timerfd {
     }
 }
 
-#[cfg(all(test, target_os = "linux"))]
+#[cfg(test)]
 mod tests {
     use super::*;
 
-    /// The ticker runs in a runtime built without a time driver, where any tokio timer would
-    /// panic (failing the thread, so no message arrives), and must fire repeatedly.
-    #[test]
-    fn ticks_repeatedly_in_a_runtime_without_timers() {
+    /// Runs `make`'s ticker in a runtime built without a time driver, where any tokio timer
+    /// would panic (failing the thread, so no message arrives): it must fire repeatedly.
+    fn ticks_repeatedly_without_tokio_timers(make: fn() -> Ticker) {
         let rt = match tokio::runtime::Builder::new_current_thread()
             .enable_io()
             .build()
@@ -133,8 +126,7 @@ mod tests {
         let (done, ticked) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             rt.block_on(async {
-                let mut t = Ticker::new(Duration::from_millis(5));
-                assert!(matches!(t.source, Source::TimerFd(_)));
+                let mut t = make();
                 for _ in 0..3 {
                     t.tick().await;
                 }
@@ -144,5 +136,26 @@ mod tests {
         if let Err(e) = ticked.recv_timeout(Duration::from_secs(10)) {
             panic!("no three ticks within 10 s: {e}");
         }
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn the_timerfd_ticks() {
+        ticks_repeatedly_without_tokio_timers(|| {
+            let t = Ticker::new(Duration::from_millis(5));
+            assert!(matches!(t.source, Source::TimerFd(_)));
+            t
+        });
+    }
+
+    #[test]
+    fn the_fallback_sleep_ticks() {
+        ticks_repeatedly_without_tokio_timers(|| {
+            let period = Duration::from_millis(5);
+            Ticker {
+                period,
+                source: Source::Sleep(timer::sleep(period)),
+            }
+        });
     }
 }

@@ -111,9 +111,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         b.worker_threads(workers);
         b
     };
+    // No tokio time driver: it would cost every park of the runtime a wheel scan, two locks and
+    // a clock read. Sluice's deadlines live in `sluice_pool::timer`, its tick on a timerfd.
     // One clock read per wake-up for the session's and the pool's timestamps.
     builder
-        .enable_all()
+        .enable_io()
         .on_thread_unpark(sluice_pool::clock::on_unpark);
     let rt = builder.build().context("starting the runtime")?;
     rt.block_on(serve(cfg, policy))

@@ -328,14 +328,13 @@ impl<K: Connector> Pool<K> {
             (Some(n), Some(d)) => Some(n.min(d)),
             (n, d) => n.or(d),
         };
-        let timer = next_wake(*notice_at).map(|t| tokio::time::sleep_until(t.into()));
-        tokio::pin!(timer);
+        let mut timer = next_wake(*notice_at).map(crate::timer::sleep_until);
         let answer = loop {
             let handoff = std::future::poll_fn(|cx| {
                 if let Poll::Ready(r) = wait.poll_recv(cx) {
                     return Poll::Ready(Some(r));
                 }
-                match timer.as_mut().as_pin_mut().map(|t| t.poll(cx)) {
+                match timer.as_mut().map(|t| Pin::new(t).poll(cx)) {
                     Some(Poll::Ready(())) => Poll::Ready(None),
                     _ => Poll::Pending,
                 }
@@ -352,9 +351,9 @@ impl<K: Connector> Pool<K> {
             if deadline.is_some_and(|d| at >= d) {
                 break wait.give_up(class, at.saturating_duration_since(started), timeout_kind);
             }
-            match (next_wake(*notice_at), timer.as_mut().as_pin_mut()) {
-                (Some(t), Some(sleep)) => sleep.reset(t.into()),
-                _ => timer.set(None),
+            match (next_wake(*notice_at), timer.as_mut()) {
+                (Some(t), Some(sleep)) => sleep.reset(t),
+                _ => timer = None,
             }
         };
         let handoff = answer?;

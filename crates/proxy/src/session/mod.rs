@@ -307,7 +307,7 @@ impl Session {
             if !wait.is_zero() {
                 // Waiting for a token is waiting too (SHOW CLIENTS, cl_waiting).
                 self.info.set_state(ClientState::Waiting);
-                tokio::time::sleep(wait).await;
+                sluice_pool::timer::sleep(wait).await;
             }
         }
         self.info.set_state(ClientState::Waiting);
@@ -450,11 +450,10 @@ impl Session {
                 }
             }
             // Wait for the next message, a graceful shutdown, or client_idle_timeout.
-            // Boxed: a timer is large, and most setups have none.
             let mut idle = self
                 .settings()
                 .client_idle_timeout
-                .map(|t| Box::pin(tokio::time::sleep(t)));
+                .map(sluice_pool::timer::sleep);
             let event = std::future::poll_fn(|cx| {
                 match io.poll_fill(cx) {
                     Poll::Ready(Ok(0) | Err(_)) => return Poll::Ready(IdleEvent::Closed),
@@ -464,7 +463,7 @@ impl Session {
                 if info.kill.idle_should_end() {
                     return Poll::Ready(IdleEvent::Ended);
                 }
-                match idle.as_mut().map(|t| t.as_mut().poll(cx)) {
+                match idle.as_mut().map(|t| Pin::new(t).poll(cx)) {
                     Some(Poll::Ready(())) => Poll::Ready(IdleEvent::TimedOut),
                     _ => Poll::Pending,
                 }
@@ -682,7 +681,7 @@ impl Session {
         let shared = self.shared.clone();
         self.shared.tracker.spawn(async move {
             if !guard.cancels.idle() {
-                let _ = tokio::time::timeout(wait, guard.cancels.wait()).await;
+                let _ = sluice_pool::timer::timeout(wait, guard.cancels.wait()).await;
                 // A cancel still in flight, or one that may land later: the connection is
                 // closed when the guard drops, so resetting it would be wasted.
                 guard.broken |= !guard.cancels.idle();
@@ -705,7 +704,7 @@ impl Session {
             let target = guard.cancel_target();
             let timeout = self.shared.config().sluice.cancel_wait_timeout;
             self.shared.tracker.spawn(async move {
-                let _ = tokio::time::timeout(timeout, crate::cancel::forward(&target)).await;
+                let _ = sluice_pool::timer::timeout(timeout, crate::cancel::forward(&target)).await;
             });
         }
         let clean_point = guard.rbuf.is_empty() && !guard.broken && guard.quiet;
@@ -734,7 +733,7 @@ impl Session {
 async fn housekeep(server: &mut ServerConn, sql: &str) -> bool {
     let mut out = BytesMut::new();
     frontend::encode_query(&mut out, sql);
-    let done = tokio::time::timeout(Duration::from_secs(5), run_simple(server, &out)).await;
+    let done = sluice_pool::timer::timeout(Duration::from_secs(5), run_simple(server, &out)).await;
     matches!(done, Ok(Ok(_))) && server.status == TransactionStatus::Idle
 }
 

@@ -55,7 +55,7 @@ impl Session {
             server.applied.insert("statement_timeout".into(), value);
         }
         // Created once per transaction, and only when the timeout is set.
-        let mut idle_timer = idle_tx.map(|t| Box::pin(tokio::time::sleep(t)));
+        let mut idle_timer = idle_tx.map(sluice_pool::timer::sleep);
         // The transaction's first message was judged before checkout; later statements here.
         let mut first_message = true;
         // The client sent Terminate after messages still to be answered: the server finishes
@@ -178,7 +178,7 @@ impl Session {
                 !relay.waiting_for_server() && server.status != TransactionStatus::Idle;
             if let (Some(t), Some(timer)) = (idle_tx, idle_timer.as_mut()) {
                 if idle_armed {
-                    timer.as_mut().reset(tokio::time::Instant::now() + t);
+                    timer.reset(sluice_pool::clock::now() + t);
                 }
             }
             // One hand-written poll over both sockets, the timer and the kill switch, in this
@@ -223,7 +223,7 @@ impl Session {
                 }
                 if idle_armed {
                     if let Some(timer) = idle_timer.as_mut() {
-                        if timer.as_mut().poll(cx).is_ready() {
+                        if Pin::new(timer).poll(cx).is_ready() {
                             return Poll::Ready(Event::IdleTimeout);
                         }
                     }
