@@ -1,4 +1,4 @@
-//! Sleeps and timeouts served by one timer thread instead of tokio's time driver.
+//! Sleeps and timeouts for a runtime without tokio's time driver.
 //!
 //! A tokio runtime built with its time driver pays for it on every park, whether or not a timer
 //! is pending: it locks the driver, scans the wheel's levels for the next expiry, and after the
@@ -8,23 +8,32 @@
 //! nearly all of them are cancelled long before they expire, so the binary builds its runtime
 //! with the IO driver only and keeps its deadlines here.
 //!
-//! One process-wide thread sleeps until the earliest deadline and wakes the tasks whose deadlines
-//! passed; a task's waker works from any thread, whatever runtime the task runs on. The costs fall
-//! where deadlines change, never on the runtime's parks:
+//! The deadlines of the whole process sit in one heap. A *driver* fires those that are due,
+//! waking their tasks (a waker works from any thread, whatever runtime its task runs on):
+//! - On Linux, [`drive_here`] spawns a task that waits on a `timerfd` armed for the earliest
+//!   deadline. The runtime's IO driver watches it like a socket, so firing costs no thread and
+//!   no wake-up beyond the runtime's own. Every runtime that calls it watches the same timer.
+//! - Otherwise a thread sleeps until the earliest deadline. It starts with the first sleep that
+//!   finds no driver (elsewhere than Linux, or in a runtime that never called `drive_here`).
+//!   Sluice avoids it where it can: once a process has a second thread, glibc's `recv` and `send`
+//!   take their multi-threaded path, which costs more than the timer saves.
+//!
+//! The costs fall where deadlines change, never on the runtime's parks:
 //! - a [`Sleep`] registers on its first pending poll (a lock and a heap push), so a
 //!   [`timeout`] whose future finishes at once registers nothing;
 //! - moving a deadline later (an idle timer reset on every message) only writes the slot: the
-//!   thread finds the later deadline when the old one comes due and queues it again;
-//! - the thread is woken only when a new deadline is earlier than the one it sleeps until;
-//! - a dropped sleep frees its slot at once, and its heap entry is skipped when it comes due, or
-//!   removed when stale entries outnumber live ones.
+//!   driver finds the later deadline when the old one comes due and queues it again;
+//! - the driver is re-armed (a `timerfd_settime`, or a notify) only when a new deadline is
+//!   earlier than the one it waits for;
+//! - a dropped sleep frees its slot at once; its heap entry is dropped when it reaches the top,
+//!   or swept out when stale entries outnumber live ones.
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
@@ -37,22 +46,65 @@ use crate::clock;
 #[error("deadline has elapsed")]
 pub struct Elapsed;
 
-/// Starts the timer thread if it is not running. Sluice calls this before it binds a port, so a
-/// thread that cannot be spawned stops the start with an error; otherwise the first sleep starts
-/// it.
-pub fn start() -> io::Result<()> {
-    if STARTED.load(Ordering::Acquire) {
+/// Serves deadlines from the current runtime: on Linux, a task watching the process's timerfd;
+/// elsewhere, or if no timerfd can be made, the timer thread. Call it inside the runtime, once,
+/// before the runtime's tasks sleep. An error means neither could be started.
+pub fn drive_here() -> io::Result<()> {
+    #[cfg(target_os = "linux")]
+    if let Ok(fd) = timerfd::shared() {
+        let watched = fd.try_clone().and_then(timerfd::watch);
+        if let Ok(watched) = watched {
+            let driver = Driver::new();
+            tokio::spawn(async move {
+                let _driver = driver;
+                while timerfd::wait(&watched).await.is_ok() {
+                    TIMERS.fire(Instant::now());
+                }
+            });
+            return Ok(());
+        }
+    }
+    start_thread()
+}
+
+/// Starts the timer thread if it is not running.
+fn start_thread() -> io::Result<()> {
+    if THREAD_STARTED.load(Ordering::Acquire) {
         return Ok(());
     }
-    let mut started = SPAWN.lock();
+    let mut started = THREAD_SPAWN.lock();
     if !*started {
         std::thread::Builder::new()
             .name("sluice-timer".into())
-            .spawn(|| TIMERS.run())?;
+            .spawn(|| TIMERS.run_thread())?;
         *started = true;
-        STARTED.store(true, Ordering::Release);
+        THREAD_STARTED.store(true, Ordering::Release);
     }
     Ok(())
+}
+
+/// A running timerfd driver, counted in [`DRIVERS`] while it lives (until its runtime drops it).
+struct Driver;
+
+impl Driver {
+    fn new() -> Self {
+        DRIVERS.fetch_add(1, Ordering::AcqRel);
+        Driver
+    }
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        if DRIVERS.fetch_sub(1, Ordering::AcqRel) == 1 {
+            // The last driver is gone (its runtime shut down): the thread takes over whatever
+            // other runtimes still wait for.
+            let st = TIMERS.state.lock();
+            if !st.heap.is_empty() {
+                let _ = start_thread();
+            }
+            TIMERS.wake.notify_one();
+        }
+    }
 }
 
 /// A sleep of `duration` from now (this wake-up's time, see [`clock::now`]).
@@ -115,9 +167,9 @@ impl Future for Sleep {
             Some(id) => TIMERS.poll(id, cx.waker()),
             None if this.deadline <= clock::now() => Poll::Ready(()),
             None => {
-                if start().is_err() {
-                    // No thread, no wake-up: completing now turns a deadline into an early
-                    // timeout instead of a wait that never ends. `start` failed loudly earlier.
+                if DRIVERS.load(Ordering::Acquire) == 0 && start_thread().is_err() {
+                    // Nothing would ever fire it: completing now turns the deadline into an
+                    // early timeout instead of a wait that never ends.
                     return Poll::Ready(());
                 }
                 this.slot = Some(TIMERS.insert(this.deadline, cx.waker().clone()));
@@ -141,11 +193,14 @@ static TIMERS: Timers = Timers {
         free: Vec::new(),
         heap: BinaryHeap::new(),
         armed: None,
+        timerfd_failed: false,
     }),
     wake: Condvar::new(),
 };
-static STARTED: AtomicBool = AtomicBool::new(false);
-static SPAWN: Mutex<bool> = Mutex::new(false);
+/// How many timerfd drivers run (see [`drive_here`]).
+static DRIVERS: AtomicUsize = AtomicUsize::new(0);
+static THREAD_STARTED: AtomicBool = AtomicBool::new(false);
+static THREAD_SPAWN: Mutex<bool> = Mutex::new(false);
 
 /// Heap entries kept before stale ones are swept out, whatever the number of live sleeps.
 const MIN_SWEEP: usize = 256;
@@ -158,7 +213,7 @@ struct SlotId {
 
 struct Timers {
     state: Mutex<State>,
-    /// The timer thread waits here; it is notified when a deadline earlier than
+    /// The timer thread, if it runs, waits here; it is notified when a deadline earlier than
     /// [`State::armed`] arrives.
     wake: Condvar,
 }
@@ -167,9 +222,11 @@ struct State {
     slots: Vec<Slot>,
     free: Vec<u32>,
     heap: BinaryHeap<Reverse<Queued>>,
-    /// The deadline the thread sleeps until; `None` while it sleeps with nothing queued or is
-    /// busy waking tasks (it looks at the heap again before it sleeps).
+    /// When the drivers look at the heap next; `None` while nothing is queued or a driver is
+    /// firing (it looks again before it waits).
     armed: Option<Instant>,
+    /// The shared timerfd could not be set: the thread serves every deadline from now on.
+    timerfd_failed: bool,
 }
 
 #[derive(Default)]
@@ -249,28 +306,47 @@ impl Timers {
                 ..Slot::default()
             };
             st.free.push(id.index);
+            st.drop_stale_top();
             drop(st);
             drop(waker);
         }
     }
 
-    /// The timer thread: wakes the tasks whose deadlines passed, then sleeps until the next one.
-    fn run(&self) {
+    /// A driver's turn: wakes the tasks whose deadlines passed by `now` and arms the drivers
+    /// for the next deadline.
+    fn fire(&self, now: Instant) {
         let mut due = Vec::new();
         let mut st = self.state.lock();
+        st.expire(now, &mut due);
+        st.armed = None;
+        if let Some(next) = st.drop_stale_top() {
+            st.arm(next, &self.wake);
+        }
+        drop(st);
+        due.into_iter().for_each(Waker::wake);
+    }
+
+    /// The timer thread: fires what is due, then sleeps until the next deadline or a notify.
+    /// While timerfd drivers run, it leaves the deadlines to them.
+    fn run_thread(&self) {
         loop {
-            st.expire(Instant::now(), &mut due);
-            if !due.is_empty() {
-                st.armed = None;
-                // Wake outside the lock: a woken task on another thread may register at once.
-                parking_lot::MutexGuard::unlocked(&mut st, || due.drain(..).for_each(Waker::wake));
+            let mut st = self.state.lock();
+            if st.timerfd_serves() {
+                // Woken when the last driver goes (see `Driver`'s drop) or the timerfd fails.
+                self.wake.wait(&mut st);
                 continue;
             }
-            st.armed = st.heap.peek().map(|Reverse(q)| q.at);
+            drop(st);
+            self.fire(Instant::now());
+            let mut st = self.state.lock();
+            if st.timerfd_serves() {
+                continue;
+            }
             match st.armed {
-                Some(at) => {
+                Some(at) if at > Instant::now() => {
                     self.wake.wait_until(&mut st, at);
                 }
+                Some(_) => {}
                 None => self.wake.wait(&mut st),
             }
         }
@@ -297,6 +373,27 @@ impl State {
             self.sweep();
         }
         if self.armed.is_none_or(|armed| at < armed) {
+            self.arm(at, wake);
+        }
+    }
+
+    /// Whether timerfd drivers serve the deadlines (else the thread does).
+    fn timerfd_serves(&self) -> bool {
+        !self.timerfd_failed && DRIVERS.load(Ordering::Acquire) > 0
+    }
+
+    /// Has the driver look at the heap at `at`: sets the shared timerfd, or wakes the thread.
+    fn arm(&mut self, at: Instant, wake: &Condvar) {
+        self.armed = Some(at);
+        #[cfg(target_os = "linux")]
+        if self.timerfd_serves() {
+            let after = at.saturating_duration_since(Instant::now());
+            match timerfd::shared().and_then(|fd| timerfd::set(fd, after, None)) {
+                Ok(()) => return,
+                Err(_) => self.timerfd_failed = true,
+            }
+        }
+        if start_thread().is_ok() {
             wake.notify_one();
         }
     }
@@ -310,6 +407,17 @@ impl State {
         self.slots
             .get(q.index as usize)
             .is_some_and(|s| s.live && s.generation == q.generation && s.queued == Some(q.at))
+    }
+
+    /// Pops stale entries off the top of the heap; returns the time of the first current one.
+    fn drop_stale_top(&mut self) -> Option<Instant> {
+        while let Some(Reverse(q)) = self.heap.peek() {
+            if self.current(q) {
+                return Some(q.at);
+            }
+            self.heap.pop();
+        }
+        None
     }
 
     fn sweep(&mut self) {
@@ -347,6 +455,82 @@ impl State {
     }
 }
 
+/// The Linux timerfd: Sluice's maintenance tick and the deadlines' driver. The IO driver of the
+/// runtime watches it like a socket.
+#[cfg(target_os = "linux")]
+pub mod timerfd {
+    use std::io;
+    use std::os::fd::OwnedFd;
+    use std::sync::OnceLock;
+    use std::time::Duration;
+
+    use rustix::time::{
+        timerfd_create, timerfd_settime, Itimerspec, TimerfdClockId, TimerfdFlags,
+        TimerfdTimerFlags, Timespec,
+    };
+    use tokio::io::unix::AsyncFd;
+    use tokio::io::Interest;
+
+    /// A new timerfd on the monotonic clock, disarmed.
+    pub fn create() -> io::Result<OwnedFd> {
+        Ok(timerfd_create(
+            TimerfdClockId::Monotonic,
+            TimerfdFlags::NONBLOCK | TimerfdFlags::CLOEXEC,
+        )?)
+    }
+
+    /// The process's timerfd for deadlines, made on first use.
+    pub(super) fn shared() -> io::Result<&'static OwnedFd> {
+        static SHARED: OnceLock<Option<OwnedFd>> = OnceLock::new();
+        SHARED
+            .get_or_init(|| create().ok())
+            .as_ref()
+            .ok_or_else(|| io::Error::other("no timerfd"))
+    }
+
+    /// Arms `fd` to expire `after` from now (at once for zero), then every `every` if given.
+    pub fn set(fd: &OwnedFd, after: Duration, every: Option<Duration>) -> io::Result<()> {
+        let spec = |d: Duration| {
+            Timespec::try_from(d)
+                .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "duration too long"))
+        };
+        // A zero first expiry would disarm the timer.
+        let first = spec(after.max(Duration::from_nanos(1)))?;
+        let interval = spec(every.unwrap_or(Duration::ZERO))?;
+        timerfd_settime(
+            fd,
+            TimerfdTimerFlags::empty(),
+            &Itimerspec {
+                it_interval: interval,
+                it_value: first,
+            },
+        )?;
+        Ok(())
+    }
+
+    /// Registers `fd` with the current runtime's IO driver.
+    #[allow(unsafe_code)] // registering a raw fd with tokio's reactor is `unsafe` since tokio 1.52
+    pub fn watch(fd: OwnedFd) -> io::Result<AsyncFd<OwnedFd>> {
+        // SAFETY: the OwnedFd is a timerfd that the AsyncFd owns: nothing else can close or
+        // replace it while it is registered, and AsyncFd deregisters it before dropping it.
+        unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }.map_err(Into::into)
+    }
+
+    /// Waits until the timer has expired at least once since the last wait.
+    pub async fn wait(fd: &AsyncFd<OwnedFd>) -> io::Result<()> {
+        loop {
+            let mut ready = fd.readable().await?;
+            // The read takes the count of expirations and clears readiness; EAGAIN means the
+            // wake-up was spurious, or another runtime watching the same timer read it first.
+            let mut expirations = [0u8; 8];
+            match ready.try_io(|fd| Ok(rustix::io::read(fd.get_ref(), &mut expirations)?)) {
+                Ok(read) => return read.map(drop),
+                Err(_would_block) => continue,
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -368,6 +552,26 @@ mod tests {
             let start = Instant::now();
             sleep(Duration::from_millis(30)).await;
             assert!(start.elapsed() >= Duration::from_millis(30));
+        });
+    }
+
+    #[test]
+    fn a_runtime_that_drives_its_deadlines_fires_them() {
+        runtime().block_on(async {
+            if let Err(e) = drive_here() {
+                panic!("drive_here: {e}");
+            }
+            let start = Instant::now();
+            let mut s = sleep(Duration::from_millis(20));
+            assert!(futures_poll_once(&mut s).is_pending());
+            s.reset(start + Duration::from_millis(40));
+            (&mut s).await;
+            assert!(start.elapsed() >= Duration::from_millis(40));
+            let never = std::future::pending::<()>();
+            assert_eq!(
+                timeout(Duration::from_millis(10), never).await,
+                Err(Elapsed)
+            );
         });
     }
 

@@ -54,8 +54,8 @@ pub enum ProxyError {
     /// The new configuration was refused.
     #[error("reload refused: {0}")]
     Reload(String),
-    /// The thread that serves Sluice's deadlines could not be started.
-    #[error("cannot start the timer thread: {0}")]
+    /// Nothing could be started to serve Sluice's deadlines (see `sluice_pool::timer`).
+    #[error("cannot start the timer: {0}")]
     Timer(#[source] std::io::Error),
 }
 
@@ -82,7 +82,7 @@ pub struct Running {
 impl Proxy {
     /// Binds every listener (port 0 allowed) and starts serving.
     pub async fn start(config: Config, policy: Arc<dyn Policy>) -> Result<Running, ProxyError> {
-        sluice_pool::timer::start().map_err(ProxyError::Timer)?;
+        sluice_pool::timer::drive_here().map_err(ProxyError::Timer)?;
         let g = config.sluice.clone();
         let shared = Arc::new(Shared::new(config, policy.clone()));
         policy.set_pool_state(Arc::new(PoolState(Arc::downgrade(&shared))));

@@ -67,46 +67,16 @@ mod timerfd {
     use std::os::fd::OwnedFd;
     use std::time::Duration;
 
-    use rustix::time::{
-        timerfd_create, timerfd_settime, Itimerspec, TimerfdClockId, TimerfdFlags,
-        TimerfdTimerFlags, Timespec,
-    };
+    use sluice_pool::timer::timerfd;
     use tokio::io::unix::AsyncFd;
-    use tokio::io::Interest;
 
-    #[allow(unsafe_code)] // registering a raw fd with tokio's reactor is `unsafe` since tokio 1.52
     pub(super) fn create(period: Duration) -> io::Result<AsyncFd<OwnedFd>> {
-        let fd = timerfd_create(
-            TimerfdClockId::Monotonic,
-            TimerfdFlags::NONBLOCK | TimerfdFlags::CLOEXEC,
-        )?;
-        let every = Timespec::try_from(period)
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "period too long"))?;
-        timerfd_settime(
-            &fd,
-            TimerfdTimerFlags::empty(),
-            &Itimerspec {
-                it_interval: every,
-                it_value: every,
-            },
-        )?;
-        // SAFETY: the OwnedFd is a timerfd that the AsyncFd owns: nothing else can close or
-        // replace it while it is registered, and AsyncFd deregisters it before dropping it.
-        unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }.map_err(Into::into)
+        let fd = timerfd::create()?;
+        timerfd::set(&fd, period, Some(period))?;
+        timerfd::watch(fd)
     }
 
-    pub(super) async fn wait(fd: &AsyncFd<OwnedFd>) -> io::Result<()> {
-        loop {
-            let mut ready = fd.readable().await?;
-            // The read takes the count of periods passed and clears readiness; EAGAIN means the
-            // wake-up was spurious.
-            let mut expirations = [0u8; 8];
-            match ready.try_io(|fd| Ok(rustix::io::read(fd.get_ref(), &mut expirations)?)) {
-                Ok(read) => return read.map(drop),
-                Err(_would_block) => continue,
-            }
-        }
-    }
+    pub(super) use timerfd::wait;
 }
 
 #[cfg(test)]

@@ -112,7 +112,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         b
     };
     // No tokio time driver: it would cost every park of the runtime a wheel scan, two locks and
-    // a clock read. Sluice's deadlines live in `sluice_pool::timer`, its tick on a timerfd.
+    // a clock read. Sluice's deadlines live in `sluice_pool::timer`, driven from a timerfd.
     // One clock read per wake-up for the session's and the pool's timestamps.
     builder
         .enable_io()
