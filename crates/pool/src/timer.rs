@@ -64,6 +64,8 @@ pub fn drive_here() -> io::Result<()> {
                     TIMERS.fire(Instant::now());
                 }
             });
+            // Deadlines queued while the thread served them: the timerfd takes them over.
+            TIMERS.fire(Instant::now());
             return Ok(());
         }
     }
@@ -575,6 +577,39 @@ mod tests {
                 Err(Elapsed)
             );
         });
+    }
+
+    #[test]
+    fn deadlines_queued_before_a_driver_starts_still_fire() {
+        // A sleep queued while no runtime drives deadlines...
+        let (registered, is_registered) = std::sync::mpsc::channel();
+        let (ended, has_ended) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            runtime().block_on(async {
+                let mut s = sleep(Duration::from_millis(200));
+                assert!(futures_poll_once(&mut s).is_pending());
+                let _ = registered.send(());
+                s.await;
+                let _ = ended.send(());
+            });
+        });
+        if is_registered.recv_timeout(Duration::from_secs(10)).is_err() {
+            panic!("the sleeper did not start");
+        }
+        // ...then a runtime starts driving, and stays until told: it takes that deadline over.
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        std::thread::spawn(move || {
+            runtime().block_on(async {
+                if let Err(e) = drive_here() {
+                    panic!("drive_here: {e}");
+                }
+                let _ = stopped.await;
+            });
+        });
+        // Bounded by the std clock, not by the timer under test.
+        let fired = has_ended.recv_timeout(Duration::from_secs(10));
+        let _ = stop.send(());
+        assert!(fired.is_ok(), "the queued sleep did not fire within 10 s");
     }
 
     #[test]
