@@ -565,12 +565,7 @@ mod tests {
             if let Err(e) = drive_here() {
                 panic!("drive_here: {e}");
             }
-            let start = Instant::now();
-            let mut s = sleep(Duration::from_millis(20));
-            assert!(futures_poll_once(&mut s).is_pending());
-            s.reset(start + Duration::from_millis(40));
-            (&mut s).await;
-            assert!(start.elapsed() >= Duration::from_millis(40));
+            drop(registered_then_moved_later(20, 40).await);
             let never = std::future::pending::<()>();
             assert_eq!(
                 timeout(Duration::from_millis(10), never).await,
@@ -630,12 +625,7 @@ mod tests {
     fn reset_moves_the_deadline_both_ways() {
         runtime().block_on(async {
             // Later: the queued entry comes due first and is queued again.
-            let start = Instant::now();
-            let mut s = sleep(Duration::from_millis(10));
-            assert!(futures_poll_once(&mut s).is_pending());
-            s.reset(start + Duration::from_millis(60));
-            (&mut s).await;
-            assert!(start.elapsed() >= Duration::from_millis(60));
+            let mut s = registered_then_moved_later(10, 60).await;
             // Earlier, after having completed: it completes again.
             let far = Instant::now() + Duration::from_secs(3600);
             s.reset(far);
@@ -699,6 +689,18 @@ mod tests {
             }
         }
         assert_eq!(done.load(Ordering::Relaxed), 200);
+    }
+
+    /// A sleep of `first` ms, registered, then moved to `later` ms and awaited: it completes no
+    /// earlier than `later`. Returns the sleep, completed.
+    async fn registered_then_moved_later(first: u64, later: u64) -> Sleep {
+        let start = Instant::now();
+        let mut s = sleep(Duration::from_millis(first));
+        assert!(futures_poll_once(&mut s).is_pending());
+        s.reset(start + Duration::from_millis(later));
+        (&mut s).await;
+        assert!(start.elapsed() >= Duration::from_millis(later));
+        s
     }
 
     /// Polls `s` once with a no-op waker.
