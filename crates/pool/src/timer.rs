@@ -50,15 +50,15 @@ use crate::clock;
 pub struct Elapsed;
 
 /// Serves deadlines from the current runtime: on Linux, a task watching the process's timerfd;
-/// elsewhere, or if no timerfd can be made, the timer thread. Call it inside the runtime, once,
-/// before the runtime's tasks sleep. An error means neither could be started.
+/// elsewhere, outside a runtime, or if no timerfd can be made, the timer thread. Call it inside
+/// the runtime, once, before the runtime's tasks sleep. An error means neither could be started.
 pub fn drive_here() -> io::Result<()> {
     #[cfg(target_os = "linux")]
-    if let Ok(fd) = timerfd::shared() {
+    if let (Ok(runtime), Ok(fd)) = (tokio::runtime::Handle::try_current(), timerfd::shared()) {
         let watched = fd.try_clone().and_then(timerfd::watch);
         if let Ok(watched) = watched {
             let driver = Driver::new();
-            tokio::spawn(async move {
+            runtime.spawn(async move {
                 let _driver = driver;
                 while timerfd::wait(&watched).await.is_ok() {
                     TIMERS.fire(Instant::now());
@@ -572,6 +572,14 @@ mod tests {
                 Err(Elapsed)
             );
         });
+    }
+
+    #[test]
+    fn outside_a_runtime_the_thread_drives() {
+        if let Err(e) = drive_here() {
+            panic!("drive_here: {e}");
+        }
+        assert!(THREAD_STARTED.load(Ordering::Acquire));
     }
 
     #[test]
