@@ -247,9 +247,9 @@ fn for_each_statement(sql: &str, mut f: impl FnMut(usize, usize)) -> bool {
 /// Any statement of a multi-statement string counts. Callers that track a single session `SET`
 /// themselves check for it first. State changed inside functions and `DO` blocks is not seen.
 ///
-/// Ordinary queries cost a look at their first word and a SIMD search for `;` and `_`: the text
-/// is lexed only for one of those first keywords, a second statement, or a name with `_config`
-/// or `_lock` in it.
+/// Ordinary queries cost a look at their first word and a SIMD search for `;` and `(`: the text
+/// is lexed only for one of those first keywords, a second statement, or a call of a name with
+/// `_config` or `_lock` in it.
 pub fn leaves_session_state(sql: &[u8]) -> bool {
     if !worth_lexing(sql) {
         return false;
@@ -281,20 +281,35 @@ fn worth_lexing(sql: &[u8]) -> bool {
     if stateful_first {
         return true;
     }
-    // A statement separator followed by more text, or an underscore that starts `_config` or
-    // `_lock`: one search for both bytes.
-    memchr::memchr2_iter(b';', b'_', sql).any(|i| {
-        let rest = &sql[i + 1..];
-        if sql[i] == b';' {
-            rest.iter()
-                .any(|b| !b.is_ascii_whitespace() && *b != b';' && *b != 0)
-        } else {
-            [&b"config"[..], b"lock"].iter().any(|k| {
-                rest.get(..k.len())
-                    .is_some_and(|w| w.eq_ignore_ascii_case(k))
-            })
-        }
-    })
+    // Separators, blanks and NULs at the end leave no second statement: cut them off, and a
+    // `;` left in the text is a separator before more text (or inside a literal: the lexer
+    // tells). The calls that matter take a `(`: one search finds both bytes, and an ordinary
+    // query without parentheses costs a single pass.
+    let end = sql
+        .iter()
+        .rposition(|b| !b.is_ascii_whitespace() && *b != b';' && *b != 0)
+        .map_or(0, |i| i + 1);
+    let sql = &sql[..end];
+    memchr::memchr2_iter(b';', b'(', sql).any(|i| sql[i] == b';' || calls_stateful_name(&sql[..i]))
+}
+
+/// Whether the text before a `(` ends with a function name that has `_config` or `_lock` in it
+/// (`set_config`, the session advisory locks), quoted or not and blanks allowed before the
+/// parenthesis. A comment there is left to the lexer.
+fn calls_stateful_name(before: &[u8]) -> bool {
+    let t = before.trim_ascii_end();
+    if t.ends_with(b"*/") {
+        return true;
+    }
+    let t = t.strip_suffix(b"\"").unwrap_or(t);
+    let start = t
+        .iter()
+        .rposition(|b| !(b.is_ascii_alphanumeric() || *b == b'_' || *b == b'$'))
+        .map_or(0, |i| i + 1);
+    let name = &t[start..];
+    [&b"_config"[..], b"_lock"]
+        .iter()
+        .any(|k| name.windows(k.len()).any(|w| w.eq_ignore_ascii_case(k)))
 }
 
 /// One statement of [`leaves_session_state`].
@@ -315,11 +330,12 @@ fn statement_leaves_state(sql: &str, toks: &[Token]) -> bool {
         return true;
     }
     let called = |i: usize| toks.get(i + 1).is_some_and(|t| t.kind == Kind::Punct(b'('));
+    let function = |i: usize, name: &str| toks.get(i).is_some_and(|t| is_function(sql, *t, name));
     (0..toks.len()).any(|i| {
         if !called(i) {
             return false;
         }
-        if kw(i, "set_config") {
+        if function(i, "set_config") {
             // The third argument is `is_local`: only a literal `true` keeps the change in the
             // transaction. Find the call's closing parenthesis and look just before it.
             let mut depth = 0usize;
@@ -344,7 +360,7 @@ fn statement_leaves_state(sql: &str, toks: &[Token]) -> bool {
             "pg_try_advisory_lock_shared",
         ]
         .iter()
-        .any(|f| kw(i, f))
+        .any(|f| function(i, f))
     })
 }
 
@@ -438,6 +454,12 @@ pub fn session_command(sql: &str) -> Option<SessionCommand<'_>> {
 
 fn is_kw(sql: &str, t: Token, kw: &str) -> bool {
     t.kind == Kind::Ident && text(sql, t).eq_ignore_ascii_case(kw)
+}
+
+/// Whether a token names the built-in function `name` (lowercase): unquoted in any case, or
+/// quoted exactly.
+fn is_function(sql: &str, t: Token, name: &str) -> bool {
+    is_kw(sql, t, name) || (t.kind == Kind::QuotedIdent && quoted_inner(sql, t) == name)
 }
 
 fn deallocate(sql: &str, name: Token) -> Option<SessionCommand<'_>> {

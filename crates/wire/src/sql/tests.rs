@@ -254,6 +254,11 @@ fn statements_that_leave_session_state() {
         "select pg_advisory_lock(1)",
         "SELECT pg_try_advisory_lock_shared(7) FROM t",
         "/* app */ set role admin",
+        "select set_config ('a', 'b', false)",
+        "select \"set_config\"('a', 'b', false)",
+        "select set_config/* why */('a', 'b', false)",
+        "select 1 ;; set x = 1",
+        "select 1; /* then */ listen jobs",
     ] {
         assert!(leaves_session_state(sql.as_bytes()), "{sql}");
     }
@@ -276,6 +281,9 @@ fn statements_that_do_not_leave_session_state() {
         "update t set x = 1 where note = 'SET ROLE x; LISTEN y'",
         "select 'pg_advisory_lock(1)', \"set_config\"",
         "insert into t values ('a;b')",
+        "select lower(name), count(*) from t group by 1 ;; \n\0",
+        "INSERT INTO pgbench_history (tid, bid, aid) VALUES (1, 2, 3);",
+        "select lock_timeout_ms(1), my_configured(2)",
         "",
     ] {
         assert!(!leaves_session_state(sql.as_bytes()), "{sql}");
@@ -293,5 +301,7 @@ fn markers_are_found_at_every_offset() {
         assert!(leaves_session_state(two.as_bytes()), "{two}");
         let plain = format!("select {pad}_x, y;  ");
         assert!(!leaves_session_state(plain.as_bytes()), "{plain}");
+        let lock = format!("select {pad}, pg_advisory_lock(1)");
+        assert!(leaves_session_state(lock.as_bytes()), "{lock}");
     }
 }
