@@ -295,11 +295,18 @@ fn worth_lexing(sql: &[u8]) -> bool {
 
 /// Whether the text before a `(` ends with a function name that has `_config` or `_lock` in it
 /// (`set_config`, the session advisory locks), quoted or not and blanks allowed before the
-/// parenthesis. A comment there is left to the lexer.
+/// parenthesis. A comment there (`/* */`, or a `--` on a line of its own before the `(`) is
+/// left to the lexer.
 fn calls_stateful_name(before: &[u8]) -> bool {
     let t = before.trim_ascii_end();
     if t.ends_with(b"*/") {
         return true;
+    }
+    if before[t.len()..].contains(&b'\n') {
+        let line = t.rsplit(|b| *b == b'\n').next().unwrap_or(t);
+        if line.windows(2).any(|w| w == b"--") {
+            return true;
+        }
     }
     let t = t.strip_suffix(b"\"").unwrap_or(t);
     let start = t

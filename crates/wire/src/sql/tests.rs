@@ -257,6 +257,8 @@ fn statements_that_leave_session_state() {
         "select set_config ('a', 'b', false)",
         "select \"set_config\"('a', 'b', false)",
         "select set_config/* why */('a', 'b', false)",
+        "select set_config -- why\n ('a', 'b', false)",
+        "select pg_advisory_lock -- one\n -- two\r\n(1)",
         "select 1 ;; set x = 1",
         "select 1; /* then */ listen jobs",
     ] {
@@ -284,6 +286,7 @@ fn statements_that_do_not_leave_session_state() {
         "select lower(name), count(*) from t group by 1 ;; \n\0",
         "INSERT INTO pgbench_history (tid, bid, aid) VALUES (1, 2, 3);",
         "select lock_timeout_ms(1), my_configured(2)",
+        "select count -- all of them\n(*) from t",
         "",
     ] {
         assert!(!leaves_session_state(sql.as_bytes()), "{sql}");
