@@ -1,21 +1,25 @@
 #!/usr/bin/env bash
-# Builds a profile-guided (PGO) release binary of Sluice: the build for production.
+# Trains Sluice and refreshes the profile kept in the repository (pgo/sluice.profdata.gz), then
+# builds the release binary with it (scripts/build-release.sh).
 #
-#   scripts/build-pgo.sh            build; prints the binary's path on the last line
+#   scripts/build-pgo.sh            train, refresh, build; prints the binary's path on the last line
 #
 # 1. Builds Sluice with LLVM's profiling instrumentation.
 # 2. Trains it: a throwaway PostgreSQL (benches/e2e/lib.sh) with the benchmark's default
 #    pgbench workloads through it (select-only simple, extended and prepared, TPC-B, a new
 #    connection per transaction, 400 clients on a pool of 20); the profile is written when
 #    Sluice shuts down.
-# 3. Merges the profile with llvm-profdata (rustup's llvm-tools component, added if missing).
-# 4. Builds the release binary again with the profile: LLVM then lays out and inlines the code
-#    the way the pooler actually runs, hot paths together and error paths out of the way.
+# 3. Merges the profile with llvm-profdata (rustup's llvm-tools component, added if missing),
+#    keeping only the functions that ran (a sparse profile: 1.5 MB instead of 28), and writes
+#    it to pgo/sluice.profdata.gz. Commit it with the change it was made for.
+# 4. Builds the release binary with it (scripts/build-release.sh): LLVM then lays out and
+#    inlines the code the way the pooler actually runs, hot paths together and error paths out
+#    of the way.
 #
-# Both builds change RUSTFLAGS, so each has its own target directory under PGO_DIR
-# (default ~/.cache/sluice/pgo) and the first run compiles everything twice (10-20 minutes
-# per build on two cores with wasmtime). Env: PGO_DIR, TRAIN_SECONDS (per workload, default
-# 8), and what benches/e2e/lib.sh reads (PG_BIN, SCALE, ...). Run as root, like the benchmarks.
+# The instrumented build has its own target directory under PGO_DIR (default
+# ~/.cache/sluice/pgo); the first run compiles everything twice (10-20 minutes per build on two
+# cores with wasmtime). Env: PGO_DIR, TRAIN_SECONDS (per workload, default 8), and what
+# benches/e2e/lib.sh reads (PG_BIN, SCALE, ...). Run as root, like the benchmarks.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -66,10 +70,11 @@ say "2/4 training run"
 )
 compgen -G "$profiles/*.profraw" >/dev/null || { echo "build-pgo: no profile was written" >&2; exit 1; }
 
-say "3/4 merging the profile"
-"$profdata" merge -o "$merged" "$profiles"
+say "3/4 merging the profile into pgo/sluice.profdata.gz"
+"$profdata" merge --sparse -o "$merged" "$profiles"
+mkdir -p pgo
+# -n: no name or time in the header, so the same profile gives the same file.
+gzip -9nc "$merged" >pgo/sluice.profdata.gz
 
 say "4/4 optimized build"
-RUSTFLAGS="-Cprofile-use=$merged" \
-    cargo build --release --locked -p sluice --target-dir "$PGO_DIR/target-use"
-echo "$PGO_DIR/target-use/release/sluice"
+exec scripts/build-release.sh

@@ -12,7 +12,7 @@
 #   -R ROUNDS          rounds per workload (default 2; env ROUNDS)
 #   --targets LIST     comma list of direct,pgbouncer,sluice,sluice-priority,sluice-pgo (default
 #                      the first three, and sluice-pgo when that build exists; env TARGETS).
-#                      sluice-pgo is the profile-guided build of scripts/build-pgo.sh (env
+#                      sluice-pgo is the release build of scripts/build-release.sh (env
 #                      SLUICE_PGO_BIN), with the same settings as sluice
 #   --workloads LIST   comma list of workload names (default all; env WORKLOADS):
 #                      select-simple select-extended select-prepared tpcb connect-per-tx clients-400
@@ -44,13 +44,13 @@ while [[ $# -gt 0 ]]; do
     esac
 done
 
-SLUICE_PGO_BIN=${SLUICE_PGO_BIN:-${PGO_DIR:-$HOME/.cache/sluice/pgo}/target-use/release/sluice}
+SLUICE_PGO_BIN=${SLUICE_PGO_BIN:-${CARGO_TARGET_DIR:-${SLUICE_CACHE:-$HOME/.cache/sluice}/target}/profiled/release/sluice}
 if [[ -z ${TARGETS:-} ]]; then
     TARGETS=direct,pgbouncer,sluice
     if [[ -x $SLUICE_PGO_BIN ]]; then
         TARGETS+=,sluice-pgo
     else
-        log "no profile-guided build at $SLUICE_PGO_BIN: comparing the plain build only (scripts/build-pgo.sh makes one)"
+        log "no profile-guided build at $SLUICE_PGO_BIN: comparing the plain build only (scripts/build-release.sh makes one)"
     fi
 fi
 IFS=, read -r -a targets <<<"$TARGETS"
@@ -64,7 +64,7 @@ check_tools
 [[ ",$TARGETS," == *,pgbouncer,* ]] && check_pgbouncer
 [[ ",$TARGETS," == *,sluice* ]] && check_sluice
 if [[ ",$TARGETS," == *,sluice-pgo,* ]]; then
-    [[ -x $SLUICE_PGO_BIN ]] || die "profile-guided build not found at $SLUICE_PGO_BIN (scripts/build-pgo.sh)"
+    [[ -x $SLUICE_PGO_BIN ]] || die "profile-guided build not found at $SLUICE_PGO_BIN (scripts/build-release.sh)"
 fi
 if [[ ",$TARGETS," == *,sluice-priority,* ]]; then
     PRIORITY_WASM=${PRIORITY_WASM:-${SLUICE_PLUGINS_TARGET_DIR:-$HOME/.cache/sluice/plugins-target}/wasm32-wasip2/release/priority.wasm}
@@ -181,7 +181,7 @@ done
     echo
     echo "- git $(git_rev); $(nproc) CPUs; $("$PG_BIN/postgres" --version); $("$PGBOUNCER" --version 2>/dev/null | head -1)"
     [[ ",$TARGETS," == *,sluice,* ]] && echo "- sluice: $(basename "$SLUICE_BIN") binary (built $(date -r "$SLUICE_BIN" '+%Y-%m-%d %H:%M')), workers = ${SLUICE_WORKERS:-1}"
-    [[ ",$TARGETS," == *,sluice-pgo,* ]] && echo "- sluice-pgo: the profile-guided build of scripts/build-pgo.sh (built $(date -r "$SLUICE_PGO_BIN" '+%Y-%m-%d %H:%M')), same settings"
+    [[ ",$TARGETS," == *,sluice-pgo,* ]] && echo "- sluice-pgo: the profile-guided build of scripts/build-release.sh (built $(date -r "$SLUICE_PGO_BIN" '+%Y-%m-%d %H:%M')), same settings"
     echo "- each run: pgbench -n -T $DURATION -j $THREADS, -c $CLIENTS unless noted; $ROUNDS rounds (the summary shows the median), targets interleaved per workload"
     echo "- pool size $POOL_SIZE (transaction mode, md5; both poolers log connections and disconnections, their default), PostgreSQL max_connections=$PG_MAX_CONNECTIONS, fsync off, scale $SCALE"
     if [[ ${SHARED_SESSION:-0} == 1 ]]; then
