@@ -251,7 +251,12 @@ fn for_each_statement(sql: &str, mut f: impl FnMut(usize, usize)) -> bool {
 /// is lexed only for one of those first keywords, a second statement, or a call of a name with
 /// `_config` or `_lock` in it.
 pub fn leaves_session_state(sql: &[u8]) -> bool {
-    if !worth_lexing(sql) {
+    leaves_session_state_after(sql, first_word(sql))
+}
+
+/// [`leaves_session_state`] for a caller that already has the text's [`first_word`].
+pub fn leaves_session_state_after(sql: &[u8], first_word: Option<&[u8]>) -> bool {
+    if !worth_lexing(sql, first_word) {
         return false;
     }
     let sql = String::from_utf8_lossy(sql);
@@ -265,19 +270,22 @@ const STATEFUL_FIRST: [&[u8]; 7] = [
     b"set", b"reset", b"listen", b"prepare", b"load", b"create", b"declare",
 ];
 
-/// The byte pass of [`leaves_session_state`].
-fn worth_lexing(sql: &[u8]) -> bool {
+/// The first word of a statement's text, its letters after any blanks: `None` when the text
+/// starts with a comment (only the lexer finds the word then). A cheap look before lexing.
+#[inline]
+pub fn first_word(sql: &[u8]) -> Option<&[u8]> {
     let t = sql.trim_ascii_start();
-    let stateful_first = match t.first().map(u8::to_ascii_lowercase) {
-        Some(b'-' | b'/') => t.starts_with(b"--") || t.starts_with(b"/*"),
-        Some(b's' | b'r' | b'l' | b'p' | b'c' | b'd') => {
-            let word = t.iter().take_while(|b| b.is_ascii_alphabetic()).count();
-            STATEFUL_FIRST
-                .iter()
-                .any(|k| t[..word].eq_ignore_ascii_case(k))
-        }
-        _ => false,
-    };
+    if t.starts_with(b"--") || t.starts_with(b"/*") {
+        return None;
+    }
+    let word = t.iter().take_while(|b| b.is_ascii_alphabetic()).count();
+    Some(&t[..word])
+}
+
+/// The byte pass of [`leaves_session_state`].
+fn worth_lexing(sql: &[u8], first_word: Option<&[u8]>) -> bool {
+    let stateful_first =
+        first_word.is_none_or(|w| STATEFUL_FIRST.iter().any(|k| w.eq_ignore_ascii_case(k)));
     if stateful_first {
         return true;
     }

@@ -425,8 +425,9 @@ impl Relay {
                 self.queries += 1;
                 let body = &raw[5..];
                 let body = body.strip_suffix(&[0]).unwrap_or(body);
+                let first = sql::first_word(body);
                 // Only queries that may change session state are decoded and looked at.
-                let text = may_be_session_command(body)
+                let text = may_be_session_command(first)
                     .then(|| std::str::from_utf8(body).ok())
                     .flatten();
                 let special = text.is_some();
@@ -437,7 +438,7 @@ impl Relay {
                 let mut set = if special { session_change(text) } else { None };
                 // State the client leaves on the session that Sluice does not replay is reset
                 // when the connection comes back, before anyone else gets it.
-                if set.is_none() && sql::leaves_session_state(body) {
+                if set.is_none() && sql::leaves_session_state_after(body, first) {
                     set = std::str::from_utf8(body).ok().and_then(several_changes);
                     server.dirty |= set.is_none();
                 }
@@ -603,10 +604,10 @@ fn unnamed_parse_query(raw: &[u8]) -> &[u8] {
     &query[..end]
 }
 
-/// A cheap filter before lexing: only DEALLOCATE, DISCARD, SET and RESET (or a leading comment)
-/// can be session commands.
-fn may_be_session_command(text: &[u8]) -> bool {
-    first_word(text).is_none_or(|w| {
+/// A cheap filter before lexing, on a text's [`sql::first_word`]: only DEALLOCATE, DISCARD, SET
+/// and RESET (or a leading comment) can be session commands.
+fn may_be_session_command(first_word: Option<&[u8]>) -> bool {
+    first_word.is_none_or(|w| {
         [&b"set"[..], b"reset", b"deallocate", b"discard"]
             .iter()
             .any(|k| w.eq_ignore_ascii_case(k))
@@ -622,7 +623,7 @@ pub fn may_be_answered_here(text: &[u8]) -> bool {
             .iter()
             .any(|k| w.eq_ignore_ascii_case(k))
     };
-    match first_word(text) {
+    match sql::first_word(text) {
         Some(w) => is_local(w),
         // A comment first: the lexer finds the first word after it.
         None => std::str::from_utf8(text)
@@ -632,24 +633,15 @@ pub fn may_be_answered_here(text: &[u8]) -> bool {
     }
 }
 
-/// The first word of a query's text; `None` when it starts with a comment (decode it then).
-fn first_word(text: &[u8]) -> Option<&[u8]> {
-    let t = text.trim_ascii_start();
-    if t.starts_with(b"--") || t.starts_with(b"/*") {
-        return None;
-    }
-    let word = t.iter().take_while(|b| b.is_ascii_alphabetic()).count();
-    Some(&t[..word])
-}
-
 /// What running a statement's text does to the session: whether it leaves state that Sluice
 /// does not track (the session is reset afterwards), and the session SET Sluice tracks for the
 /// client instead, if it is one.
 pub(crate) fn scan_statement(text: &[u8]) -> (bool, Option<SessionChange>) {
-    let change = may_be_session_command(text)
+    let first = sql::first_word(text);
+    let change = may_be_session_command(first)
         .then(|| std::str::from_utf8(text).ok().and_then(session_change))
         .flatten();
-    let leaves_state = change.is_none() && sql::leaves_session_state(text);
+    let leaves_state = change.is_none() && sql::leaves_session_state_after(text, first);
     (leaves_state, change)
 }
 
