@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use sluice_tests::harness::raw::frontend;
+use sluice_tests::harness::raw::{frontend, RawClient};
 use sluice_tests::harness::{eventually, free_port, ConfigBuilder, PgCluster, SluiceHandle};
 use tokio::net::TcpListener;
 
@@ -151,6 +151,78 @@ async fn idle_transaction_timeout_closes_client_and_frees_server() {
         .expect("pool of one is free again")
         .get(0);
     assert_eq!(n, 0, "the transaction was rolled back");
+    sluice.shutdown().await;
+}
+
+/// The idle timeouts are checked by the maintenance tick, not timed per wait: they must still
+/// fire no earlier than set, counted from the client's last message, and spare a client that
+/// keeps working or whose statement runs longer than the timeout.
+#[tokio::test(flavor = "multi_thread")]
+async fn idle_timeouts_fire_no_earlier_than_set_and_spare_busy_clients() {
+    let pg = PgCluster::shared();
+    let limit = Duration::from_secs(1);
+    let sluice = SluiceHandle::start(
+        ConfigBuilder::new(pg)
+            .set("client_idle_timeout", "1")
+            .set("idle_transaction_timeout", "1"),
+    )
+    .await;
+    // Each idle time is counted from before the client's last message: no later than Sluice's.
+    let mut idle = raw_trusted(&sluice, "appdb", &[]).await;
+    let idle_since = Instant::now();
+    idle.simple_rows("select 1").await.expect("select");
+    let mut in_tx = raw_trusted(&sluice, "appdb", &[]).await;
+    in_tx.simple_rows("begin").await.expect("begin");
+    let in_tx_since = Instant::now();
+    in_tx.simple_rows("select 1").await.expect("select");
+
+    // Busy for twice the timeout: a transaction every 100 ms, and inside a transaction a
+    // statement that runs longer than the timeout (the server owes the answer, not the client).
+    let busy = sluice.connect("app", "appdb").await;
+    let slow = sluice.connect("app", "appdb").await;
+    let pacing = async {
+        for i in 0..20 {
+            assert_eq!(
+                simple_value(&busy, &format!("select {i}")).await,
+                i.to_string()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    let long_statement = async {
+        slow.batch_execute("begin").await.expect("begin");
+        slow.batch_execute("select pg_sleep(1.5)")
+            .await
+            .expect("a statement longer than idle_transaction_timeout runs to the end");
+        slow.batch_execute("commit").await.expect("commit");
+    };
+    // Watched while the others work, so the time each was closed at is known.
+    let closed = |what: &'static str, mut client: RawClient| async move {
+        let seen = client.expect_closed(SETTLE).await.expect(what);
+        let codes: Vec<String> = seen.iter().filter_map(|m| m.sqlstate()).collect();
+        (codes, Instant::now())
+    };
+    let ((), (), (idle_codes, idle_closed), (tx_codes, tx_closed)) = tokio::join!(
+        pacing,
+        long_statement,
+        closed("idle", idle),
+        closed("idle in transaction", in_tx)
+    );
+    assert_eq!(idle_codes, ["57P05"]);
+    assert_eq!(tx_codes, ["25P03"]);
+    let idle_for = idle_closed - idle_since;
+    let tx_idle_for = tx_closed - in_tx_since;
+    assert!(idle_for >= limit, "idle client closed after {idle_for:?}");
+    assert!(
+        tx_idle_for >= limit,
+        "idle transaction closed after {tx_idle_for:?}"
+    );
+    // The busy ones outlived both.
+    assert!(!busy.is_closed() && !slow.is_closed());
+    assert_eq!(
+        simple_value(&busy, "select 'still here'").await,
+        "still here"
+    );
     sluice.shutdown().await;
 }
 

@@ -4,9 +4,10 @@
 //! is pending: it locks the driver, scans the wheel's levels for the next expiry, and after the
 //! wake-up reads the clock, locks again and processes the wheel. On Sluice's relay that is about
 //! 240 instructions per select-only transaction and 1,700 per login, 4 % of each. Sluice's
-//! deadlines are few and coarse (a login, a queue wait, an idle transaction, a connect), and
-//! nearly all of them are cancelled long before they expire, so the binary builds its runtime
-//! with the IO driver only and keeps its deadlines here.
+//! deadlines are few and coarse (a queue wait, a connect, a cancel's wait), and nearly all of
+//! them are cancelled long before they expire, so the binary builds its runtime with the IO
+//! driver only and keeps its deadlines here. (The login and idle timeouts, one per connection
+//! or per transaction, are cheaper still on the maintenance tick: `sluice_proxy::alarms`.)
 //!
 //! The deadlines of the whole process sit in one heap. A *driver* fires those that are due,
 //! waking their tasks (a waker works from any thread, whatever runtime its task runs on):
@@ -21,8 +22,8 @@
 //! The costs fall where deadlines change, never on the runtime's parks:
 //! - a [`Sleep`] registers on its first pending poll (a lock and a heap push), so a
 //!   [`timeout`] whose future finishes at once registers nothing;
-//! - moving a deadline later (an idle timer reset on every message) only writes the slot: the
-//!   driver finds the later deadline when the old one comes due and queues it again;
+//! - moving a deadline later only writes the slot: the driver finds the later deadline when the
+//!   old one comes due and queues it again;
 //! - the driver is re-armed (a `timerfd_settime`, or a notify) only when a new deadline is
 //!   earlier than the one it waits for;
 //! - a dropped sleep frees its slot at once; its heap entry is skipped when it comes due, or

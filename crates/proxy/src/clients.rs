@@ -14,6 +14,8 @@ use parking_lot::Mutex;
 
 use sluice_config::Config;
 
+use crate::alarms::IdleDeadline;
+
 static NEXT_CLIENT_ID: AtomicU64 = AtomicU64::new(1);
 
 /// What a client is doing.
@@ -63,6 +65,8 @@ pub struct ClientInfo {
     pub server_pid: AtomicU32,
     /// Flipped to disconnect the client: KILL_CLIENT, or the shutdown deadline.
     pub kill: KillSwitch,
+    /// When the client's wait for its own next message times out (see [`crate::alarms`]).
+    pub idle: IdleDeadline,
 }
 
 /// A client's kill switch. Only the client's own task waits on it, and a tokio task's waker
@@ -70,12 +74,15 @@ pub struct ClientInfo {
 /// later wait is a load of the flags: no atomic read-modify-write per transaction, where an
 /// `AtomicWaker` took two on every poll and a `CancellationToken` two locks.
 ///
-/// The same switch carries the graceful shutdown's "leave when idle", so a session waiting
-/// for its client's next transaction watches one flag pair and one waker.
+/// The same switch carries the graceful shutdown's "leave when idle" and the maintenance tick's
+/// "your idle deadline passed", so a session waiting for its client's next transaction watches
+/// a few flags and one waker.
 #[derive(Debug, Default)]
 pub struct KillSwitch {
     flipped: AtomicBool,
     idle_end: AtomicBool,
+    /// The maintenance tick saw the client's idle deadline pass (see [`crate::alarms`]).
+    idle_flag: AtomicBool,
     /// The waker of the task watching the switch. Woken by reference, so it stays registered
     /// after a wake-up: the shutdown's "leave when idle" may come before the flip.
     task: Mutex<Option<Waker>>,
@@ -92,6 +99,20 @@ impl KillSwitch {
     pub fn end_when_idle(&self) {
         self.idle_end.store(true, Ordering::SeqCst);
         self.wake();
+    }
+
+    /// Tells the session its idle deadline passed, unless it was told already and has not
+    /// looked yet.
+    pub fn flag_idle(&self) {
+        if !self.idle_flag.swap(true, Ordering::SeqCst) {
+            self.wake();
+        }
+    }
+
+    /// Takes the flag [`Self::flag_idle`] raised: a load while it is down.
+    #[inline]
+    pub fn take_idle_flag(&self) -> bool {
+        self.idle_flag.load(Ordering::Relaxed) && self.idle_flag.swap(false, Ordering::SeqCst)
     }
 
     /// The flag is stored before the lock is taken, and the watcher checks flags after it
@@ -159,6 +180,7 @@ impl ClientInfo {
             state: AtomicU8::new(0),
             server_pid: AtomicU32::new(0),
             kill: KillSwitch::default(),
+            idle: IdleDeadline::default(),
         }
     }
 
@@ -383,6 +405,16 @@ impl Clients {
     pub fn end_all_when_idle(&self) {
         for c in self.by_id.iter() {
             c.kill.end_when_idle();
+        }
+    }
+
+    /// Flags every client whose idle deadline is past `now_ms` (the maintenance tick's
+    /// [`crate::alarms::CoarseClock`] time) and wakes it; the session decides.
+    pub fn flag_idle(&self, now_ms: u64) {
+        for c in self.by_id.iter() {
+            if c.idle.passed(now_ms) {
+                c.kill.flag_idle();
+            }
         }
     }
 

@@ -428,7 +428,7 @@ fn dispatch(
 }
 
 async fn maintenance(shared: Arc<Shared>) {
-    let mut tick = tick::Ticker::new(Duration::from_millis(100));
+    let mut tick = tick::Ticker::new(alarms::TICK);
     let mut n: u64 = 0;
     let mut last_stats = std::time::Instant::now();
     let mut last_pressure = last_stats;
@@ -441,7 +441,9 @@ async fn maintenance(shared: Arc<Shared>) {
         if shared.shutdown.is_cancelled() && shared.clients.is_empty() {
             return;
         }
-        shared.alarms.fire_due(std::time::Instant::now());
+        let now = std::time::Instant::now();
+        shared.alarms.fire_due(now);
+        shared.clients.flag_idle(shared.coarse_clock.set(now));
         if n.is_multiple_of(10) {
             shared.pools.maintain();
         }

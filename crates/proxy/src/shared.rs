@@ -16,7 +16,7 @@ use crate::counter::Counter;
 use sluice_config::Config;
 use sluice_policy::Policy;
 
-use crate::alarms::Alarms;
+use crate::alarms::{Alarms, CoarseClock};
 use crate::cancel::CancelMap;
 use crate::clients::Clients;
 use crate::pools::PoolSet;
@@ -47,6 +47,8 @@ pub struct Shared {
     pub hard_stop: CancellationToken,
     /// Deadlines that may fire a tick late (`client_login_timeout`).
     pub alarms: Alarms,
+    /// The maintenance tick's time, for the idle timeouts (see [`crate::alarms`]).
+    pub coarse_clock: CoarseClock,
     /// Every task, for draining.
     pub tracker: TaskTracker,
     /// Key for mock SCRAM salts of unknown users.
@@ -74,6 +76,7 @@ impl Shared {
         let client_permits = Arc::new(tokio::sync::Semaphore::new(
             config.sluice.max_client_conn as usize,
         ));
+        let started = Instant::now();
         Shared {
             client_permits,
             config: ArcSwap::from_pointee(config),
@@ -88,9 +91,10 @@ impl Shared {
             shutdown: CancellationToken::new(),
             hard_stop: CancellationToken::new(),
             alarms: Alarms::default(),
+            coarse_clock: CoarseClock::new(started),
             tracker: TaskTracker::new(),
             mock_key,
-            started: Instant::now(),
+            started,
             reloads_ok: AtomicU64::new(0),
             reloads_failed: AtomicU64::new(0),
             reload_hook: parking_lot::Mutex::new(None),

@@ -1,7 +1,6 @@
 //! A client session: startup, authentication, admission, then transactions, each on whichever
 //! server connection the scheduler grants.
 
-use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
@@ -24,7 +23,7 @@ use sluice_wire::frontend;
 use sluice_wire::startup::StartupPacket;
 use sluice_wire::{ErrorFields, Severity, SqlState};
 
-use crate::alarms::Alarm;
+use crate::alarms::{Alarm, IdleWait};
 use crate::auth::{self, Outcome as AuthOutcome};
 use crate::cancel::CancelTarget;
 use crate::clients::{ClientInfo, ClientState, Counted};
@@ -449,11 +448,12 @@ impl Session {
                     Err(end) => return end,
                 }
             }
-            // Wait for the next message, a graceful shutdown, or client_idle_timeout.
-            let mut idle = self
+            // Wait for the next message, a graceful shutdown, or client_idle_timeout (checked
+            // by the maintenance tick, which wakes the task through the kill switch).
+            let idle = self
                 .settings()
                 .client_idle_timeout
-                .map(sluice_pool::timer::sleep);
+                .map(|t| IdleWait::start(&info, &self.shared.coarse_clock, t));
             let event = std::future::poll_fn(|cx| {
                 match io.poll_fill(cx) {
                     Poll::Ready(Ok(0) | Err(_)) => return Poll::Ready(IdleEvent::Closed),
@@ -463,12 +463,15 @@ impl Session {
                 if info.kill.idle_should_end() {
                     return Poll::Ready(IdleEvent::Ended);
                 }
-                match idle.as_mut().map(|t| Pin::new(t).poll(cx)) {
-                    Some(Poll::Ready(())) => Poll::Ready(IdleEvent::TimedOut),
-                    _ => Poll::Pending,
+                if idle.is_some_and(|w| w.timed_out(&info)) {
+                    return Poll::Ready(IdleEvent::TimedOut);
                 }
+                Poll::Pending
             })
             .await;
+            if idle.is_some() {
+                info.idle.disarm();
+            }
             match event {
                 IdleEvent::Data => {}
                 IdleEvent::Closed => return End::Client,

@@ -54,8 +54,8 @@ impl Session {
             );
             server.applied.insert("statement_timeout".into(), value);
         }
-        // Created once per transaction, and only when the timeout is set.
-        let mut idle_timer = idle_tx.map(sluice_pool::timer::sleep);
+        // The current wait for the client inside the transaction, under idle_transaction_timeout.
+        let mut idle_wait: Option<IdleWait> = None;
         // The transaction's first message was judged before checkout; later statements here.
         let mut first_message = true;
         // The client sent Terminate after messages still to be answered: the server finishes
@@ -164,6 +164,9 @@ impl Session {
                 if !timed && !relay.wishes_diverged() {
                     server.params_for.set(self.params.wishes());
                 }
+                if idle_wait.is_some() {
+                    self.info.idle.disarm();
+                }
                 if !io.wbuf.is_empty() {
                     io.flush().await.map_err(|_| End::Client)?;
                 }
@@ -174,11 +177,11 @@ impl Session {
             let read_server = io.wbuf.len() < HIGH_WATER;
             // The idle-in-transaction clock runs while the client owes the next message, and
             // restarts at every event.
-            let idle_armed =
-                !relay.waiting_for_server() && server.status != TransactionStatus::Idle;
-            if let (Some(t), Some(timer)) = (idle_tx, idle_timer.as_mut()) {
-                if idle_armed {
-                    timer.reset(sluice_pool::clock::now() + t);
+            if let Some(t) = idle_tx {
+                if !relay.waiting_for_server() && server.status != TransactionStatus::Idle {
+                    idle_wait = Some(IdleWait::start(&self.info, &self.shared.coarse_clock, t));
+                } else if idle_wait.take().is_some() {
+                    self.info.idle.disarm();
                 }
             }
             // One hand-written poll over both sockets, the timer and the kill switch, in this
@@ -221,12 +224,9 @@ impl Session {
                         Poll::Pending => {}
                     }
                 }
-                if idle_armed {
-                    if let Some(timer) = idle_timer.as_mut() {
-                        if Pin::new(timer).poll(cx).is_ready() {
-                            return Poll::Ready(Event::IdleTimeout);
-                        }
-                    }
+                // The maintenance tick wakes the task through the kill switch.
+                if idle_wait.is_some_and(|w| w.timed_out(&self.info)) {
+                    return Poll::Ready(Event::IdleTimeout);
                 }
                 // The session's task watches the switch (see serve_inner).
                 if self.info.kill.is_flipped() {
