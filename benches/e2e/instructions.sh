@@ -11,7 +11,8 @@
 # Usage: benches/e2e/instructions.sh [-t TRANSACTIONS_PER_CLIENT]
 #   -t N   transactions per client and workload (default 1000; 4 clients; env TX). The
 #          queued-select workload runs the same total over 200 clients on the pool of 20.
-# Other env: SLUICE_BIN, PG_BIN, RESULTS_DIR (benches/results), KEEP_WORK=1.
+# Other env: SLUICE_BIN, PG_BIN, RESULTS_DIR (benches/results), KEEP_WORK=1, IDLE_TIMEOUT=SECONDS
+# (both poolers with client_idle_timeout and idle_transaction_timeout set, as in production).
 # Needs valgrind (apt-get install -y valgrind). Takes about a minute.
 
 # shellcheck source=lib.sh
@@ -22,7 +23,7 @@ CLIENTS=4
 while [[ $# -gt 0 ]]; do
     case $1 in
         -t) TX=$2; shift 2 ;;
-        -h | --help) sed -n '2,15p' "$0"; exit 0 ;;
+        -h | --help) sed -n '2,16p' "$0"; exit 0 ;;
         *) die "unknown argument $1 (see --help)" ;;
     esac
 done
@@ -105,7 +106,7 @@ MD=$RESULTS_DIR/instructions-$stamp.md
 {
     echo "# Instructions per transaction (callgrind) — $stamp"
     echo
-    echo "- git $(git_rev); $("$PGBOUNCER" --version 2>/dev/null | head -1); Sluice with workers = ${SLUICE_WORKERS:-1}"
+    echo "- git $(git_rev); $("$PGBOUNCER" --version 2>/dev/null | head -1); Sluice with workers = ${SLUICE_WORKERS:-1}; client_idle_timeout and idle_transaction_timeout = ${IDLE_TIMEOUT} s (0 = off) for both"
     echo "- each workload: warm-up, counters zeroed, then $((CLIENTS * TX)) transactions: pgbench -n -c $CLIENTS -j 1 -t $TX (queued-select: -c ${CLIENTS_OF[queued-select]} on the pool of $POOL_SIZE)"
     echo "- both poolers: transaction mode, pool $POOL_SIZE, md5, connection logging on (their default)"
     echo

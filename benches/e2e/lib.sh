@@ -23,6 +23,9 @@ APP_DB=${APP_DB:-appdb}
 POOL_SIZE=${POOL_SIZE:-20}
 MAX_CLIENT_CONN=${MAX_CLIENT_CONN:-5000}
 PG_MAX_CONNECTIONS=${PG_MAX_CONNECTIONS:-100}
+# Seconds of client_idle_timeout and idle_transaction_timeout for both poolers, as a production
+# config sets them; unset or 0 leaves both off (the default of both poolers).
+IDLE_TIMEOUT=${IDLE_TIMEOUT:-0}
 SCALE=${SCALE:-10}
 CLK_TCK=$(getconf CLK_TCK)
 
@@ -231,6 +234,8 @@ logfile = $dir/pgbouncer.log
 pidfile = $dir/pgbouncer.pid
 stats_period = 60
 ignore_startup_parameters = extra_float_digits
+client_idle_timeout = $IDLE_TIMEOUT
+idle_transaction_timeout = $IDLE_TIMEOUT
 EOF
     chown -R postgres:postgres "$dir"
     rm -f "$dir/pgbouncer.pid"
@@ -273,6 +278,8 @@ pool_mode = "transaction"
 default_pool_size = $POOL_SIZE
 max_client_conn = $MAX_CLIENT_CONN
 workers = ${SLUICE_WORKERS:-1}
+client_idle_timeout = $IDLE_TIMEOUT
+idle_transaction_timeout = $IDLE_TIMEOUT
 
 [databases.$APP_DB]
 host = "127.0.0.1"

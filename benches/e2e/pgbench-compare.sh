@@ -21,7 +21,8 @@
 # Other env: SCALE (10), POOL_SIZE (20), SLUICE_BIN, SLUICE_WORKERS (1, like PgBouncer's one
 #            thread), PG_BIN, RESULTS_DIR (benches/results), SHARED_SESSION=1 (run both poolers
 #            in this script's session, sharing pgbench's autogroup, instead of one each),
-#            KEEP_WORK=1 keeps the temp dir (pgbench logs, pooler logs).
+#            KEEP_WORK=1 keeps the temp dir (pgbench logs, pooler logs), IDLE_TIMEOUT=SECONDS
+#            (both poolers with client_idle_timeout and idle_transaction_timeout set).
 # Run as root (PostgreSQL and PgBouncer are started as the postgres user). Needs ~5 free minutes
 # per round at the defaults.
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -184,6 +185,7 @@ done
     [[ ",$TARGETS," == *,sluice-pgo,* ]] && echo "- sluice-pgo: the profile-guided build of scripts/build-release.sh (built $(date -r "$SLUICE_PGO_BIN" '+%Y-%m-%d %H:%M')), same settings"
     echo "- each run: pgbench -n -T $DURATION -j $THREADS, -c $CLIENTS unless noted; $ROUNDS rounds (the summary shows the median), targets interleaved per workload"
     echo "- pool size $POOL_SIZE (transaction mode, md5; both poolers log connections and disconnections, their default), PostgreSQL max_connections=$PG_MAX_CONNECTIONS, fsync off, scale $SCALE"
+    [[ $IDLE_TIMEOUT != 0 ]] && echo "- both poolers: client_idle_timeout and idle_transaction_timeout = $IDLE_TIMEOUT s"
     if [[ ${SHARED_SESSION:-0} == 1 ]]; then
         echo "- both poolers run in the benchmark script's session (SHARED_SESSION=1): one autogroup, one CPU share, with pgbench"
     else
