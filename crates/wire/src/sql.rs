@@ -319,13 +319,31 @@ fn calls_stateful_name(before: &[u8]) -> bool {
     let t = t.strip_suffix(b"\"").unwrap_or(t);
     let start = t
         .iter()
-        .rposition(|b| !(b.is_ascii_alphanumeric() || *b == b'_' || *b == b'$'))
+        .rposition(|b| !IDENTIFIER[usize::from(*b)])
         .map_or(0, |i| i + 1);
     let name = &t[start..];
-    [&b"_config"[..], b"_lock"]
-        .iter()
-        .any(|k| name.windows(k.len()).any(|w| w.eq_ignore_ascii_case(k)))
+    // Only at an underscore: TPC-B's INSERT has a `(` after `pgbench_history` and after `VALUES`,
+    // and a case-insensitive compare at every offset cost it about 3 % of its instructions.
+    memchr::memchr_iter(b'_', name).any(|i| {
+        let rest = &name[i + 1..];
+        [&b"config"[..], b"lock"].iter().any(|k| {
+            rest.get(..k.len())
+                .is_some_and(|w| w.eq_ignore_ascii_case(k))
+        })
+    })
 }
+
+/// The bytes of an unquoted identifier: ASCII letters and digits, `_` and `$`.
+static IDENTIFIER: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        table[b] = c.is_ascii_alphanumeric() || c == b'_' || c == b'$';
+        b += 1;
+    }
+    table
+};
 
 /// One statement of [`leaves_session_state`].
 fn statement_leaves_state(sql: &str, toks: &[Token]) -> bool {

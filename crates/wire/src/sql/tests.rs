@@ -294,6 +294,34 @@ fn statements_that_do_not_leave_session_state() {
 }
 
 #[test]
+fn a_stateful_name_is_found_as_a_case_insensitive_search_finds_it() {
+    // The search before a `(` looks only at underscores; it must agree with a plain search for
+    // `_config` or `_lock` at every offset of the name.
+    let reference = |name: &[u8]| {
+        [&b"_config"[..], b"_lock"]
+            .iter()
+            .any(|k| name.windows(k.len()).any(|w| w.eq_ignore_ascii_case(k)))
+    };
+    let parts: [&[u8]; 10] = [
+        b"_", b"config", b"CONFIG", b"lock", b"_LoCk", b"pg", b"$1", b"set", b"x_confi", b"_loc",
+    ];
+    for a in parts {
+        for b in parts {
+            for c in parts {
+                let name = [a, b, c].concat();
+                let sql = [&b"select "[..], &name, b"(1)"].concat();
+                assert_eq!(
+                    calls_stateful_name(&sql[..sql.len() - 3]),
+                    reference(&name),
+                    "{}",
+                    String::from_utf8_lossy(&sql)
+                );
+            }
+        }
+    }
+}
+
+#[test]
 fn markers_are_found_at_every_offset() {
     // The byte search works in vector-sized blocks: a marker at any offset is found.
     for pad in 0..20 {
