@@ -7,7 +7,7 @@
 # (scripts/build-pgo.sh makes it). With it, LLVM inlines and lays out the code the way the pooler
 # runs: the relay's hot path packed together, error paths out of its way. On the benchmark
 # machine that is about 20 % fewer instructions per transaction than `cargo build --release`,
-# and the CPU per transaction of PgBouncer instead of 7-10 % more (README, Benchmarks).
+# and the CPU per transaction of PgBouncer instead of 3-10 % more (README, Benchmarks).
 #
 # The profile does not have to match the sources exactly. LLVM uses it for every function whose
 # code is unchanged since the profile was made and treats the others as in a plain build, so a
