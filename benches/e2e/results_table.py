@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Markdown tables for pgbench-compare.sh from its CSV.
+"""Markdown tables for pgbench-compare.sh and side-by-side.sh from their CSV.
 
 Usage: results_table.py RESULTS.csv [MORE.csv ...]
 Prints a summary table (median over rounds, per workload and target, in run order: on a noisy
@@ -50,7 +50,8 @@ def median_interval(values):
 
 def verdict(rows):
     """Sluice ÷ PgBouncer per round, for CPU per transaction and TPS: the two run back to back
-    in each round, so the ratio cancels what the machine did to both."""
+    in each round (pgbench-compare.sh) or at the same time (side-by-side.sh), so the ratio
+    cancels what the machine did to both."""
     rounds = {}
     for r in rows:
         rounds.setdefault((r["source"], r["workload"], r["round"]), {})[r["target"]] = r
