@@ -319,4 +319,41 @@ cpu_ticks() {
     echo $(( ${12} + ${13} ))
 }
 
+# CPU µs per transaction from a pooler's utime+stime ticks before and after, and the transactions.
+cpu_us_per_tx() {
+    awk -v d=$(($2 - $1)) -v hz="$CLK_TCK" -v n="$3" 'BEGIN { printf "%.1f", d * 1e6 / hz / n }'
+}
+
+# The calling script's help: its header comment, from line 2 to the first line that is not one.
+usage() { sed -n '2,/^[^#]/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit "${1:-0}"; }
+
+# The options the comparison scripts share: -T, -R, --workloads, -h, and --targets in a script
+# that has targets (one that sets TARGETS before calling).
+parse_args() {
+    while [[ $# -gt 0 ]]; do
+        case $1 in
+            -T) DURATION=$2; shift 2 ;;
+            -R) ROUNDS=$2; shift 2 ;;
+            --workloads) WORKLOADS=$2; shift 2 ;;
+            --targets) [[ -n ${TARGETS+set} ]] || usage 2; TARGETS=$2; shift 2 ;;
+            -h | --help) usage 0 ;;
+            *) echo "unknown argument: $1" >&2; usage 2 ;;
+        esac
+    done
+}
+
+# write_report HEADER_FUNCTION: the Markdown report $MD, the function's lines (the run's setup)
+# and then the tables results_table.py makes of $CSV; printed as well.
+write_report() {
+    {
+        "$1"
+        echo
+        python3 "$E2E_DIR/results_table.py" "$CSV"
+        echo
+        echo "CSV: ${CSV#"$REPO_DIR"/}"
+    } >"$MD"
+    cat "$MD"
+    log "written $MD and $CSV"
+}
+
 git_rev() { git -C "$REPO_DIR" rev-parse --short HEAD 2>/dev/null || echo unknown; }

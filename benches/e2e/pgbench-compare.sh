@@ -33,17 +33,7 @@ TARGETS=${TARGETS:-}
 WORKLOADS=${WORKLOADS:-$DEFAULT_WORKLOADS}
 THREADS=${THREADS:-2}
 
-usage() { sed -n '2,/^source/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit "${1:-0}"; }
-while [[ $# -gt 0 ]]; do
-    case $1 in
-        -T) DURATION=$2; shift 2 ;;
-        -R) ROUNDS=$2; shift 2 ;;
-        --targets) TARGETS=$2; shift 2 ;;
-        --workloads) WORKLOADS=$2; shift 2 ;;
-        -h|--help) usage 0 ;;
-        *) echo "unknown argument: $1" >&2; usage 2 ;;
-    esac
-done
+parse_args "$@"
 
 SLUICE_PGO_BIN=${SLUICE_PGO_BIN:-${CARGO_TARGET_DIR:-${SLUICE_CACHE:-$HOME/.cache/sluice}/target}/profiled/release/sluice}
 if [[ -z ${TARGETS:-} ]]; then
@@ -157,7 +147,7 @@ run_one() {
     local tps lat tx errors note
     IFS=$'\x1f' read -r tps lat tx errors note < <(python3 "$E2E_DIR/pgbench_parse.py" "$out.stdout" "$out.stderr")
     if [[ -n $pid && ${tx:-0} -gt 0 ]]; then
-        cpu=$(awk -v d=$((after - before)) -v hz="$CLK_TCK" -v n="$tx" 'BEGIN { printf "%.1f", d * 1e6 / hz / n }')
+        cpu=$(cpu_us_per_tx "$before" "$after" "$tx")
     fi
     note=${note//\"/\'}
     printf '%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,"%s"\n' "$w" "$target" "$round" "$clients" "$tps" "$lat" \
@@ -177,7 +167,7 @@ for w in "${workloads[@]}"; do
     done
 done
 
-{
+report_header() {
     echo "# pgbench: direct vs PgBouncer vs Sluice — $stamp"
     echo
     echo "- git $(git_rev); $(nproc) CPUs; $("$PG_BIN/postgres" --version); $("$PGBOUNCER" --version 2>/dev/null | head -1)"
@@ -193,10 +183,5 @@ done
     fi
     echo "- pooler CPU µs/tx = (utime+stime ticks after − before) × 10⁶ / CLK_TCK($CLK_TCK) / transactions"
     echo "- workloads: select-* = -S -M simple/extended/prepared; tpcb = built-in TPC-B-like; connect-per-tx = -C -S (md5 login per transaction); clients-400 = -c 400 -S"
-    echo
-    python3 "$E2E_DIR/results_table.py" "$CSV"
-    echo
-    echo "CSV: ${CSV#"$REPO_DIR"/}"
-} >"$MD"
-cat "$MD"
-log "written $MD and $CSV"
+}
+write_report report_header

@@ -39,16 +39,7 @@ WORKLOADS=${WORKLOADS:-select-simple,select-extended,tpcb,connect-per-tx,clients
 RATE_SCALE=${RATE_SCALE:-1}
 THREADS=${THREADS:-2}
 
-usage() { sed -n '2,/^[^#]/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit "${1:-0}"; }
-while [[ $# -gt 0 ]]; do
-    case $1 in
-        -T) DURATION=$2; shift 2 ;;
-        -R) ROUNDS=$2; shift 2 ;;
-        --workloads) WORKLOADS=$2; shift 2 ;;
-        -h | --help) usage 0 ;;
-        *) echo "unknown argument: $1" >&2; usage 2 ;;
-    esac
-done
+parse_args "$@"
 
 # name -> "clients|pgbench options|transactions per second for each pooler"
 declare -A SIDE=(
@@ -111,7 +102,7 @@ record() {
     local out=$WORK/runs/$w.$target.$round tps lat tx errors note cpu=""
     IFS=$'\x1f' read -r tps lat tx errors note < <(python3 "$E2E_DIR/pgbench_parse.py" "$out.stdout" "$out.stderr")
     if [[ ${tx:-0} -gt 0 ]]; then
-        cpu=$(awk -v d=$((after - before)) -v hz="$CLK_TCK" -v n="$tx" 'BEGIN { printf "%.1f", d * 1e6 / hz / n }')
+        cpu=$(cpu_us_per_tx "$before" "$after" "$tx")
         # A pooler that fell behind the rate did less work in the same seconds: flag it.
         if awk -v t="$tps" -v r="$rate" 'BEGIN { exit !(r > 0 && t < 0.95 * r) }'; then
             note="rate not held (${tps%.*}/s of $rate/s)${note:+; $note}"
@@ -162,7 +153,7 @@ for w in "${workloads[@]}"; do
     done
 done
 
-{
+report_header() {
     echo "# PgBouncer and Sluice side by side, same rate each — $stamp"
     echo
     echo "- git $(git_rev); $(nproc) CPUs; $("$PG_BIN/postgres" --version); $("$PGBOUNCER" --version 2>/dev/null | head -1)"
@@ -176,10 +167,5 @@ done
     else
         echo "- TPS is the rate both were asked for: its ratio only shows that both held it (latency includes pgbench's schedule lag)"
     fi
-    echo
-    python3 "$E2E_DIR/results_table.py" "$CSV"
-    echo
-    echo "CSV: ${CSV#"$REPO_DIR"/}"
-} >"$MD"
-cat "$MD"
-log "written $MD and $CSV"
+}
+write_report report_header

@@ -31,7 +31,6 @@ LEAD=${LEAD:-3}
 SETUPS=${SETUPS:-baseline,pgbouncer,sluice-fifo,sluice-priority,sluice-priority-shed}
 PLUGIN_DIR=${PLUGIN_DIR:-$HOME/.cache/sluice/plugins-target/wasm32-wasip2/release}
 
-usage() { sed -n '2,/^source/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit "${1:-0}"; }
 while [[ $# -gt 0 ]]; do
     case $1 in
         -T) DURATION=$2; shift 2 ;;
