@@ -79,12 +79,18 @@ start_sluice side
 
 echo "workload,target,round,clients,rate,tps,latency_ms,pooler_cpu_us_per_tx,transactions,errors,exit_code,note" >"$CSV"
 
+# The rate of WORKLOAD for each pooler, in transactions per second (0: no limit).
+rate_of() {
+    local rest=${SIDE[$1]#*|}
+    awk -v r="${rest##*|}" -v s="$RATE_SCALE" 'BEGIN { printf "%d", r * s }'
+}
+
 # start_pgbench WORKLOAD TARGET ROUND PORT: one pooler's pgbench, in the background; sets BG_PID.
 start_pgbench() {
     local w=$1 target=$2 round=$3 port=$4
     local clients=${SIDE[$w]%%|*} rest=${SIDE[$w]#*|}
     local opts=${rest%|*} rate
-    rate=$(awk -v r="${rest##*|}" -v s="$RATE_SCALE" 'BEGIN { printf "%d", r * s }')
+    rate=$(rate_of "$w")
     local out=$WORK/runs/$w.$target.$round limit=()
     if ((rate > 0)); then limit=(-R "$rate"); fi
     # shellcheck disable=SC2086
@@ -97,8 +103,8 @@ start_pgbench() {
 # record WORKLOAD TARGET ROUND TICKS_BEFORE TICKS_AFTER EXIT_CODE
 record() {
     local w=$1 target=$2 round=$3 before=$4 after=$5 rc=$6
-    local clients=${SIDE[$w]%%|*} rest=${SIDE[$w]#*|} rate
-    rate=$(awk -v r="${rest##*|}" -v s="$RATE_SCALE" 'BEGIN { printf "%d", r * s }')
+    local clients=${SIDE[$w]%%|*} rate
+    rate=$(rate_of "$w")
     local out=$WORK/runs/$w.$target.$round tps lat tx errors note cpu=""
     IFS=$'\x1f' read -r tps lat tx errors note < <(python3 "$E2E_DIR/pgbench_parse.py" "$out.stdout" "$out.stderr")
     if [[ ${tx:-0} -gt 0 ]]; then
@@ -116,9 +122,9 @@ record() {
 
 # run_round WORKLOAD ROUND: both poolers at once, the first pgbench alternating by round.
 run_round() {
-    local w=$1 round=$2 target port
+    local w=$1 round=$2 target port pid
     local -a order=(pgbouncer sluice)
-    ((round % 2 == 0)) && order=(sluice pgbouncer)
+    if ((round % 2 == 0)); then order=(sluice pgbouncer); fi
     pg_vacuum
     for pid in "$PGB_PID" "$SLUICE_PID"; do
         kill -0 "$pid" 2>/dev/null || die "a pooler (pid $pid) is no longer running (see $WORK)"
