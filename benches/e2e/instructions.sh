@@ -23,7 +23,7 @@ CLIENTS=4
 while [[ $# -gt 0 ]]; do
     case $1 in
         -t) TX=$2; shift 2 ;;
-        -h | --help) sed -n '2,16p' "$0"; exit 0 ;;
+        -h | --help) usage 0 ;;
         *) die "unknown argument $1 (see --help)" ;;
     esac
 done

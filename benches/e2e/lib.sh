@@ -324,8 +324,9 @@ cpu_us_per_tx() {
     awk -v d=$(($2 - $1)) -v hz="$CLK_TCK" -v n="$3" 'BEGIN { printf "%.1f", d * 1e6 / hz / n }'
 }
 
-# The calling script's help: its header comment, from line 2 to the first line that is not one.
-usage() { sed -n '2,/^[^#]/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit "${1:-0}"; }
+# The calling script's help: its header comment, from line 2 to the first line that is blank or
+# not a comment.
+usage() { sed -n '2,/^\([^#]\|$\)/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit "${1:-0}"; }
 
 # The options the comparison scripts share: -T, -R, --workloads, -h, and --targets in a script
 # that has targets (one that sets TARGETS before calling).
