@@ -69,8 +69,8 @@ declare -A WORKLOAD=(
     [connect-per-tx]="-S -C"
     [queued-select]="-S -M simple"
 )
-# Clients per workload where it is not $CLIENTS: queued-select keeps 200 clients on the pool of
-# 20, so most transactions wait in the pooler's queue for a server connection.
+# Clients per workload where it is not $CLIENTS: queued-select keeps QUEUED_CLIENTS on the pool
+# of 20, so most transactions wait in the pooler's queue for a server connection.
 QUEUED_CLIENTS=${QUEUED_CLIENTS:-200}
 [[ $QUEUED_CLIENTS =~ ^[1-9][0-9]*$ ]] || die "QUEUED_CLIENTS must be a positive count, not '$QUEUED_CLIENTS'"
 declare -A CLIENTS_OF=([queued-select]=$QUEUED_CLIENTS)
@@ -163,9 +163,10 @@ MD=$RESULTS_DIR/instructions-$stamp.md
         echo "|---|---:|---:|---:|"
     fi
     # join puts the Sluice fields after all of PgBouncer's: w p [p-D1 p-L2] s [s-D1 s-L2].
+    per_pooler=1
+    [[ $CACHE_SIM == 1 ]] && per_pooler=3
     join <(sort "$WORK/pgbouncer.res") <(sort "$WORK/sluice.res") | while read -r -a f; do
-        half=$(( (${#f[@]} - 1) / 2 ))
-        p=${f[1]} s=${f[1 + half]}
+        p=${f[1]} s=${f[1 + per_pooler]}
         ratio=$(awk -v a="$s" -v b="$p" 'BEGIN {printf "%.2f", a / b}')
         if [[ $CACHE_SIM == 1 ]]; then
             printf '| %s | %s | %s | %s | %s | %s | %s | %s |\n' "${f[0]}" "$p" "$s" "$ratio" \
