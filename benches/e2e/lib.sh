@@ -341,6 +341,8 @@ parse_args() {
             *) echo "unknown argument: $1" >&2; usage 2 ;;
         esac
     done
+    [[ $DURATION =~ ^[1-9][0-9]*$ ]] || die "-T must be a whole number of seconds, not '$DURATION'"
+    [[ $ROUNDS =~ ^[1-9][0-9]*$ ]] || die "-R must be a positive count, not '$ROUNDS'"
 }
 
 # write_report HEADER_FUNCTION: the Markdown report $MD, the function's lines (the run's setup)
