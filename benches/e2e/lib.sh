@@ -360,3 +360,9 @@ write_report() {
 }
 
 git_rev() { git -C "$REPO_DIR" rev-parse --short HEAD 2>/dev/null || echo unknown; }
+# The CPU, for the results header: TPS and CPU per transaction are comparable only on one model.
+# Family and model numbers too, since some hypervisors report only "AMD EPYC".
+cpu_model() {
+    awk -F': ' '/^model name/ && !n {n=$2} /^cpu family/ && !f {f=$2} /^model\t/ && !m {m=$2}
+        END {printf "%s (family %s, model %s)", n, f, m}' /proc/cpuinfo
+}

@@ -170,7 +170,7 @@ done
 report_header() {
     echo "# pgbench: direct vs PgBouncer vs Sluice — $stamp"
     echo
-    echo "- git $(git_rev); $(nproc) CPUs; $("$PG_BIN/postgres" --version); $("$PGBOUNCER" --version 2>/dev/null | head -1)"
+    echo "- git $(git_rev); $(nproc) CPUs, $(cpu_model); $("$PG_BIN/postgres" --version); $("$PGBOUNCER" --version 2>/dev/null | head -1)"
     [[ ",$TARGETS," == *,sluice,* ]] && echo "- sluice: $(basename "$SLUICE_BIN") binary (built $(date -r "$SLUICE_BIN" '+%Y-%m-%d %H:%M')), workers = ${SLUICE_WORKERS:-1}"
     [[ ",$TARGETS," == *,sluice-pgo,* ]] && echo "- sluice-pgo: the profile-guided build of scripts/build-release.sh (built $(date -r "$SLUICE_PGO_BIN" '+%Y-%m-%d %H:%M')), same settings"
     echo "- each run: pgbench -n -T $DURATION -j $THREADS, -c $CLIENTS unless noted; $ROUNDS rounds (the summary shows the median), targets interleaved per workload"

@@ -162,7 +162,7 @@ done
 report_header() {
     echo "# PgBouncer and Sluice side by side, same rate each — $stamp"
     echo
-    echo "- git $(git_rev); $(nproc) CPUs; $("$PG_BIN/postgres" --version); $("$PGBOUNCER" --version 2>/dev/null | head -1)"
+    echo "- git $(git_rev); $(nproc) CPUs, $(cpu_model); $("$PG_BIN/postgres" --version); $("$PGBOUNCER" --version 2>/dev/null | head -1)"
     echo "- sluice: $SLUICE_BUILD (built $(date -r "$SLUICE_BIN" '+%Y-%m-%d %H:%M')), workers = ${SLUICE_WORKERS:-1}"
     echo "- each round: both poolers in front of the same PostgreSQL at once, each with its own pgbench -n -T $DURATION -j $THREADS -R RATE (the rate column); the pgbench started first alternates between rounds; $ROUNDS rounds"
     echo "- pool size $POOL_SIZE each (transaction mode, md5; both log connections and disconnections), PostgreSQL max_connections=$PG_MAX_CONNECTIONS, fsync off, scale $SCALE"
