@@ -37,8 +37,8 @@ while [[ $# -gt 0 ]]; do
 done
 command -v valgrind >/dev/null || die "valgrind not found (apt-get install -y valgrind)"
 command -v callgrind_control >/dev/null || die "callgrind_control not found (part of valgrind)"
-[[ $TX =~ ^[1-9][0-9]*$ ]] || die "-t must be a positive count, not '$TX'"
-[[ $CLIENTS =~ ^[1-9][0-9]*$ ]] || die "-c must be a positive count, not '$CLIENTS'"
+require_count "$TX" "-t must be a positive count"
+require_count "$CLIENTS" "-c must be a positive count"
 
 # callgrind's options: with --cache, the level-1 data cache and the level-2 cache of CPU 0 as
 # the simulated D1 and LL ("size,associativity,line size", from sysfs).
@@ -72,7 +72,7 @@ declare -A WORKLOAD=(
 # Clients per workload where it is not $CLIENTS: queued-select keeps QUEUED_CLIENTS on the pool
 # of 20, so most transactions wait in the pooler's queue for a server connection.
 QUEUED_CLIENTS=${QUEUED_CLIENTS:-200}
-[[ $QUEUED_CLIENTS =~ ^[1-9][0-9]*$ ]] || die "QUEUED_CLIENTS must be a positive count, not '$QUEUED_CLIENTS'"
+require_count "$QUEUED_CLIENTS" "QUEUED_CLIENTS must be a positive count"
 declare -A CLIENTS_OF=([queued-select]=$QUEUED_CLIENTS)
 ORDER=(select-simple select-extended tpcb connect-per-tx queued-select)
 
@@ -149,7 +149,7 @@ MD=$RESULTS_DIR/instructions-$stamp.md
 {
     echo "# Instructions per transaction (callgrind) — $stamp"
     echo
-    echo "- git $(git_rev); $("$PGBOUNCER" --version 2>/dev/null | head -1); Sluice with workers = ${SLUICE_WORKERS:-1}; client_idle_timeout and idle_transaction_timeout = ${IDLE_TIMEOUT} s (0 = off) for both"
+    echo "- git $(git_rev); $(cpu_model); $("$PGBOUNCER" --version 2>/dev/null | head -1); Sluice with workers = ${SLUICE_WORKERS:-1}; client_idle_timeout and idle_transaction_timeout = ${IDLE_TIMEOUT} s (0 = off) for both"
     echo "- each workload: warm-up, counters zeroed, then $((CLIENTS * TX)) transactions: pgbench -n -c $CLIENTS -j 1 -t $TX (queued-select: -c ${CLIENTS_OF[queued-select]} on the pool of $POOL_SIZE)"
     echo "- both poolers: transaction mode, pool $POOL_SIZE, md5, connection logging on (their default)"
     if [[ $CACHE_SIM == 1 ]]; then

@@ -341,8 +341,13 @@ parse_args() {
             *) echo "unknown argument: $1" >&2; usage 2 ;;
         esac
     done
-    [[ $DURATION =~ ^[1-9][0-9]*$ ]] || die "-T must be a whole number of seconds, not '$DURATION'"
-    [[ $ROUNDS =~ ^[1-9][0-9]*$ ]] || die "-R must be a positive count, not '$ROUNDS'"
+    require_count "$DURATION" "-T must be a whole number of seconds"
+    require_count "$ROUNDS" "-R must be a positive count"
+}
+
+# require_count VALUE MESSAGE: dies with "MESSAGE, not 'VALUE'" unless VALUE is a whole number > 0.
+require_count() {
+    [[ $1 =~ ^[1-9][0-9]*$ ]] || die "$2, not '$1'"
 }
 
 # write_report HEADER_FUNCTION: the Markdown report $MD, the function's lines (the run's setup)

@@ -154,7 +154,7 @@ for s in "${setups[@]}"; do
 done
 
 python3 "$E2E_DIR/storm_analyze.py" --prefix "$PREFIX" --repo "$REPO_DIR" \
-    --header "git $(git_rev); $(nproc) CPUs; $("$PG_BIN/postgres" --version); web -T $DURATION s, $WEB web + $SCRAPERS scraper clients, pool $POOL_SIZE, PostgreSQL max_connections=$PG_MAX_CONNECTIONS" \
+    --header "git $(git_rev); $(nproc) CPUs, $(cpu_model); $("$PG_BIN/postgres" --version); web -T $DURATION s, $WEB web + $SCRAPERS scraper clients, pool $POOL_SIZE, PostgreSQL max_connections=$PG_MAX_CONNECTIONS" \
     "${ARGS[@]}" >"$PREFIX.md"
 cp "$PREFIX.svg" "$RESULTS_DIR/storm.svg"
 cat "$PREFIX.md"
